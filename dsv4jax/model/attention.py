@@ -1,0 +1,125 @@
+"""The V4 attention layer: q-LoRA, one shared K=V head, sink, inverse RoPE, grouped output (ARCHITECTURE §7)
+over the window and, for CSA/HCA layers, compressed rows (§8)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsv4jax.config import ModelConfig
+from dsv4jax.model.compressor import Compressor, _batch_scatter, simulate_quantization
+from dsv4jax.model.indexer import Indexer
+from dsv4jax.model.init import normal
+from dsv4jax.model.linear import Linear
+from dsv4jax.model.norm import RMSNorm, rms_normalize
+from dsv4jax.model.rope import apply_rope, rope_frequencies
+from dsv4jax.model.state import LayerState
+
+
+def sparse_attention_reference(q, kv, indices, sink, scale: float):
+    """Each query attends the K=V rows `indices` of its sequence, with a per-head sink (§7).
+
+    q [B,S,H,d]; kv [B,N,d] (one head, key = value); indices [B,S,K] int32, -1 = unused; sink [H] fp32.
+    Scores and softmax statistics in fp32, probabilities in the KV dtype for P·V, division at the end.
+    """
+    gathered = jax.vmap(lambda rows, idx: rows[idx])(kv, jnp.maximum(indices, 0))  # [B,S,K,d]
+    scores = jnp.einsum("bshd,bskd->bshk", q, gathered, preferred_element_type=jnp.float32,
+                        precision=jax.lax.Precision.HIGHEST) * scale
+    scores = jnp.where((indices >= 0)[:, :, None, :], scores, -jnp.inf)
+    sink = sink.astype(jnp.float32)[:, None]
+    peak = jnp.maximum(jnp.max(scores, axis=-1, keepdims=True), sink)  # the sink keeps the max finite
+    probs = jnp.exp(scores - peak)
+    denominator = jnp.sum(probs, axis=-1, keepdims=True) + jnp.exp(sink - peak)
+    out = jnp.einsum("bshk,bskd->bshd", probs.astype(kv.dtype), gathered, preferred_element_type=jnp.float32,
+                     precision=jax.lax.Precision.HIGHEST)
+    return (out / denominator).astype(q.dtype)
+
+
+@functools.partial(jax.named_call, name="sparse_attention")
+def sparse_attention(q, kv, indices, sink, scale):
+    """The swappable op (Pallas kernel on GPU later); the reference is the specification."""
+    return sparse_attention_reference(q, kv, indices, sink, scale)
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: ModelConfig, layer: int, dtype, rngs: nnx.Rngs):
+        c = config
+        self.num_heads, self.head_dim, self.rope_dim = c.num_attention_heads, c.head_dim, c.rope_head_dim
+        self.groups, self.window, self.eps = c.o_groups, c.sliding_window, c.rms_norm_eps
+        self.ratio = c.compress_ratio(layer)
+        self.config = c
+        # §10.3 item 2: FP8 simulation of the non-RoPE channels of raw K=V and compressed rows.
+        self.kv_quantization = "fp8" if c.simulate_fp8_kv else None
+        fp8_act = c.simulate_fp8_activations
+        heads_dim = c.num_attention_heads * c.head_dim
+        self.wq_a = Linear(c.hidden_size, c.q_lora_rank, ("q_lora", "embed"), dtype, rngs, fp8_act)
+        self.q_norm = RMSNorm(c.q_lora_rank, c.rms_norm_eps, axis_name="q_lora")
+        self.wq_b = Linear(c.q_lora_rank, heads_dim, ("heads_dim", "q_lora"), dtype, rngs, fp8_act)
+        self.wkv = Linear(c.hidden_size, c.head_dim, ("head_dim", "embed"), dtype, rngs, fp8_act)
+        self.kv_norm = RMSNorm(c.head_dim, c.rms_norm_eps, axis_name="head_dim")
+        self.wo_a = Linear(heads_dim // c.o_groups, c.o_groups * c.o_lora_rank, ("o_groups_rank", "group_heads_dim"),
+                           dtype, rngs)
+        self.wo_b = Linear(c.o_groups * c.o_lora_rank, c.hidden_size, ("embed", "o_groups_rank"), dtype, rngs,
+                           fp8_act)
+        self.attn_sink = nnx.Param(normal(rngs, (c.num_attention_heads,), 1.0, jnp.float32), axes=("heads",))
+        self.compressor = (Compressor(c.hidden_size, c.head_dim, self.ratio, c.rope_head_dim, c.rms_norm_eps, dtype, rngs,
+                                      self.kv_quantization) if self.ratio else None)
+        self.indexer = Indexer(c, dtype, rngs) if self.ratio == 4 else None
+
+    def __call__(self, x: jax.Array, start: jax.Array, num_new: jax.Array, state: LayerState):
+        """x [B,S,D] (after attn_norm) at positions start + 0..S−1, num_new [B] real tokens -> (out, state)."""
+        batch, chunk = x.shape[:2]
+        window, freqs = self.window, rope_frequencies(self.config, self.ratio)
+        positions = start[:, None] + jnp.arange(chunk)
+
+        q_latent = self.q_norm(self.wq_a(x))
+        q = self.wq_b(q_latent).reshape(batch, chunk, self.num_heads, self.head_dim)
+        q = rms_normalize(q, self.eps).astype(x.dtype)  # §5: per-head, unweighted
+        q = apply_rope(q, positions[..., None], freqs)
+        kv = apply_rope(self.kv_norm(self.wkv(x)), positions, freqs)
+        kv = simulate_quantization(kv, self.kv_quantization, self.rope_dim)
+
+        # Candidate rows live in one buffer: [window ring | this chunk | compressed rows].
+        buffers = [state.window, kv]
+        indices = [self._window_indices(positions, start, chunk)]
+        compressor, indexer = state.compressor, state.indexer
+        if self.ratio:
+            compressor = self.compressor(x, compressor, start, num_new, freqs)
+            offset = window + chunk
+            num_rows = compressor.rows.shape[1]
+            if self.ratio == 4:
+                indexer = self.indexer.compressor(x, indexer, start, num_new, freqs)
+                rows = self.indexer(x, q_latent, positions, indexer.rows, freqs)
+            else:  # HCA attends every visible row (§8.3)
+                rows = jnp.broadcast_to(jnp.arange(num_rows), (batch, chunk, num_rows))
+                rows = jnp.where(rows < ((positions + 1) // self.ratio)[..., None], rows, -1)
+            buffers.append(compressor.rows)
+            indices.append(jnp.where(rows >= 0, rows + offset, -1))
+        out = sparse_attention(q, jnp.concatenate(buffers, axis=1), jnp.concatenate(indices, axis=-1),
+                               self.attn_sink[...], self.head_dim ** -0.5)
+
+        out = apply_rope(out, positions[..., None], freqs, inverse=True)  # §6.3
+        out = self._grouped_output(out)
+
+        end = (start + num_new)[:, None]
+        keep = (positions < end) & (positions >= end - window)
+        new_window = _batch_scatter(state.window, jnp.where(keep, positions % window, window), kv)
+        return out, LayerState(window=new_window, compressor=compressor, indexer=indexer)
+
+    def _window_indices(self, positions, start, chunk):
+        """Buffer index of position t−i (i < w) for each query t: ring slot if before `start`, else in chunk."""
+        w = self.window
+        key_positions = positions[..., None] - jnp.arange(w)  # [B,S,w]
+        start = start[:, None, None]
+        index = jnp.where(key_positions >= start, w + key_positions - start, key_positions % w)
+        return jnp.where(key_positions >= 0, index, -1).astype(jnp.int32)
+
+    def _grouped_output(self, out: jax.Array) -> jax.Array:
+        """§7: heads g·H/G … (g+1)·H/G−1 form group g; per-group wo_a, then wo_b over all groups."""
+        batch, chunk = out.shape[:2]
+        grouped = out.reshape(batch, chunk, self.groups, -1)
+        wo_a = self.wo_a.weight[...].reshape(self.groups, -1, grouped.shape[-1])
+        mixed = jnp.einsum("bsgk,grk->bsgr", grouped, wo_a.astype(out.dtype), preferred_element_type=jnp.float32,
+                           precision=jax.lax.Precision.HIGHEST).astype(out.dtype)
+        return self.wo_b(mixed.reshape(batch, chunk, -1))

@@ -1,0 +1,134 @@
+"""Mixture of experts: sqrt-softplus router with selection bias or hash routing, clamped SwiGLU routed and
+shared experts, fp32 accumulation (ARCHITECTURE §9)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsv4jax.config import ModelConfig
+from dsv4jax.model.init import fan_in_normal, normal
+from dsv4jax.model.linear import Linear, matmul_fp32
+
+
+class Buffer(nnx.Variable):
+    """Non-trainable state loaded from the checkpoint (the hash table `tid2eid`)."""
+
+
+def clamped_swiglu(gate: jax.Array, up: jax.Array, limit: float) -> jax.Array:
+    """§9: gate clamped from above only, up clamped on both sides, silu(gate)·up, all fp32."""
+    gate = jnp.minimum(gate.astype(jnp.float32), limit)
+    up = jnp.clip(up.astype(jnp.float32), -limit, limit)
+    return jax.nn.silu(gate) * up
+
+
+_CONTRACT_LAST = jax.lax.RaggedDotDimensionNumbers(
+    dot_dimension_numbers=(([1], [2]), ([], [])), lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
+
+
+def grouped_matmul_reference(x: jax.Array, weight: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """Rows of x [M, K] sorted by group times weight[g]ᵀ ([G, N, K] checkpoint layout) -> [M, N] fp32."""
+    return jax.lax.ragged_dot_general(x, weight.astype(x.dtype), group_sizes, _CONTRACT_LAST,
+                                      preferred_element_type=jnp.float32)
+
+
+def routed_experts_reference(x, experts, weights, w1, w3, w2, limit: float) -> jax.Array:
+    """Σ_k weights[t,k]·Expert_{experts[t,k]}(x_t) in fp32, via tokens sorted by expert.
+
+    x [T,D] activations; experts [T,k] int; weights [T,k] fp32; w1, w3 [E,I,D]; w2 [E,D,I].
+    The routing weight is applied before w2 in fp32; each expert's output is rounded to x.dtype (§9).
+    """
+    tokens, k = experts.shape
+    flat_experts = experts.reshape(-1)
+    order = jnp.argsort(flat_experts, stable=True)
+    token_of = order // k
+    group_sizes = jnp.bincount(flat_experts, length=w1.shape[0])
+    sorted_x = x[token_of]
+    # Projections are rounded to the activation dtype first, as the official bf16 linears are.
+    hidden = clamped_swiglu(grouped_matmul_reference(sorted_x, w1, group_sizes).astype(x.dtype),
+                            grouped_matmul_reference(sorted_x, w3, group_sizes).astype(x.dtype), limit)
+    hidden = hidden * weights.reshape(-1)[order][:, None]
+    out = grouped_matmul_reference(hidden.astype(x.dtype), w2, group_sizes).astype(x.dtype)
+    return jnp.zeros((tokens, x.shape[-1]), jnp.float32).at[token_of].add(out.astype(jnp.float32))
+
+
+@functools.partial(jax.named_call, name="routed_experts")
+def routed_experts(x, experts, weights, w1, w3, w2, limit):
+    """The swappable op (Pallas grouped GEMM on GPU later); the reference is the specification."""
+    return routed_experts_reference(x, experts, weights, w1, w3, w2, limit)
+
+
+class Gate(nnx.Module):
+    """Router `gate.weight` [E, D] plus `gate.bias` [E] (score routing) or `gate.tid2eid` [V, k] (hash)."""
+
+    def __init__(self, config: ModelConfig, layer: int, dtype, rngs: nnx.Rngs):
+        c = config
+        self.top_k, self.route_scale = c.num_experts_per_tok, c.routed_scaling_factor
+        self.hash_routing = c.is_hash_layer(layer) and layer < c.num_hidden_layers
+        self.weight = nnx.Param(fan_in_normal(rngs, (c.n_routed_experts, c.hidden_size), dtype),
+                                axes=("expert", "embed"))
+        if self.hash_routing:
+            # Distinct experts per token (§9 last note); a random permutation's first k entries.
+            keys = jax.random.split(rngs.params(), c.vocab_size)
+            table = jax.vmap(lambda key: jax.random.permutation(key, c.n_routed_experts)[:c.num_experts_per_tok])(keys)
+            self.tid2eid = Buffer(table.astype(jnp.int32), axes=("vocab", None))
+        else:
+            self.bias = nnx.Param(normal(rngs, (c.n_routed_experts,), 0.1, jnp.float32), axes=("expert",))
+
+    def __call__(self, x: jax.Array, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x [T, D], ids [T] -> (experts [T, k] int32, weights [T, k] fp32)."""
+        scores = jnp.sqrt(jax.nn.softplus(matmul_fp32(x, self.weight[...])))
+        if self.hash_routing:
+            experts = self.tid2eid[...][ids]
+        else:  # the bias only chooses the experts (auxiliary-loss-free balancing)
+            experts = jax.lax.top_k(scores + self.bias[...], self.top_k)[1]
+        chosen = jnp.take_along_axis(scores, experts, axis=-1)
+        weights = chosen / jnp.sum(chosen, axis=-1, keepdims=True) * self.route_scale
+        return experts.astype(jnp.int32), weights
+
+
+class SharedExpert(nnx.Module):
+    """`shared_experts.{w1,w2,w3}`: the same clamped SwiGLU with weight 1 (current official revision)."""
+
+    def __init__(self, config: ModelConfig, dtype, rngs: nnx.Rngs):
+        c, fp8 = config, config.simulate_fp8_activations
+        self.limit = c.swiglu_limit
+        self.w1 = Linear(c.hidden_size, c.moe_intermediate_size, ("mlp", "embed"), dtype, rngs, fp8)
+        self.w3 = Linear(c.hidden_size, c.moe_intermediate_size, ("mlp", "embed"), dtype, rngs, fp8)
+        self.w2 = Linear(c.moe_intermediate_size, c.hidden_size, ("embed", "mlp"), dtype, rngs, fp8)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        hidden = clamped_swiglu(self.w1(x), self.w3(x), self.limit)
+        return self.w2(hidden.astype(x.dtype))
+
+
+class Experts(nnx.Module):
+    """Routed experts stacked on a leading axis: w1, w3 [E, I, D] and w2 [E, D, I]."""
+
+    def __init__(self, config: ModelConfig, dtype, rngs: nnx.Rngs):
+        c = config
+        e, i, d = c.n_routed_experts, c.moe_intermediate_size, c.hidden_size
+        self.limit = c.swiglu_limit
+        self.w1 = nnx.Param(fan_in_normal(rngs, (e, i, d), dtype), axes=("expert", "moe_mlp", "embed"))
+        self.w3 = nnx.Param(fan_in_normal(rngs, (e, i, d), dtype), axes=("expert", "moe_mlp", "embed"))
+        self.w2 = nnx.Param(fan_in_normal(rngs, (e, d, i), dtype), axes=("expert", "embed", "moe_mlp"))
+
+    def __call__(self, x, experts, weights) -> jax.Array:
+        return routed_experts(x, experts, weights, self.w1[...], self.w3[...], self.w2[...], self.limit)
+
+
+class MoE(nnx.Module):
+    def __init__(self, config: ModelConfig, layer: int, dtype, rngs: nnx.Rngs):
+        self.gate = Gate(config, layer, dtype, rngs)
+        self.experts = Experts(config, dtype, rngs)
+        self.shared_experts = SharedExpert(config, dtype, rngs) if config.n_shared_experts else None
+
+    def __call__(self, x: jax.Array, ids: jax.Array) -> jax.Array:
+        """x [B,S,D] (after ffn_norm), ids [B,S] token ids (hash routing) -> [B,S,D] in x.dtype."""
+        flat = x.reshape(-1, x.shape[-1])
+        experts, weights = self.gate(flat, ids.reshape(-1))
+        out = self.experts(flat, experts, weights)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat).astype(jnp.float32)
+        return out.astype(x.dtype).reshape(x.shape)

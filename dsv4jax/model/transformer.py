@@ -1,0 +1,62 @@
+"""The DeepSeek-V4 model: embedding, blocks, hyper-connection head, final norm, LM head, MTP (ARCHITECTURE §3)."""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsv4jax.config import ModelConfig
+from dsv4jax.model.block import Block
+from dsv4jax.model.init import normal
+from dsv4jax.model.linear import Embedding, matmul_fp32
+from dsv4jax.model.mhc import HyperConnectionHead
+from dsv4jax.model.mtp import MTPBlock
+from dsv4jax.model.norm import RMSNorm
+from dsv4jax.model.state import DecodeState
+
+
+class DeepseekV4(nnx.Module):
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        c = config
+        dtype = jnp.dtype(c.dtype)
+        self.config = c
+        self.embed = Embedding(c.vocab_size, c.hidden_size, dtype, rngs)
+        self.layers = nnx.List([Block(c, i, rngs) for i in range(c.num_hidden_layers)])
+        self.hc_head = HyperConnectionHead(c.hc_mult, c.hidden_size, c.hc_eps, c.rms_norm_eps, rngs)
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.head = nnx.Param(normal(rngs, (c.vocab_size, c.hidden_size), c.hidden_size ** -0.5, dtype),
+                              axes=("vocab", "embed"))
+        self.mtp = nnx.List([MTPBlock(c, c.mtp_layer, rngs) for _ in range(c.num_mtp_layers)])
+
+    def __call__(self, ids: jax.Array, state: DecodeState, num_new: jax.Array | None = None):
+        """Run a chunk of tokens ids [B,S] at positions state.lengths + 0..S−1 (num_new [B] of them real).
+
+        Returns (hidden [B,S,D] after the final norm, streams [B,S,n,D] before the hyper-connection head —
+        what the MTP module consumes, §12.1 — and the updated state).
+        """
+        batch, chunk = ids.shape
+        if num_new is None:
+            num_new = jnp.full((batch,), chunk, jnp.int32)
+        start = state.lengths
+        x = self.embed(ids)
+        streams = jnp.broadcast_to(x[:, :, None, :], (batch, chunk, self.config.hc_mult, x.shape[-1]))
+        layer_states = []
+        for block, layer_state in zip(self.layers, state.layers):
+            streams, layer_state = block(streams, ids, start, num_new, layer_state)
+            layer_states.append(layer_state)
+        hidden = self.norm(self.hc_head(streams, x.dtype))
+        return hidden, streams, DecodeState(lengths=start + num_new, layers=tuple(layer_states))
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """fp32 logits from final hidden states (§3: head weight upcast to fp32)."""
+        return matmul_fp32(hidden, self.head[...])
+
+    def mtp_forward(self, streams: jax.Array, next_ids: jax.Array, state: DecodeState,
+                    num_new: jax.Array | None = None):
+        """The MTP module on main-model streams [B,S,n,D] paired with the next tokens [B,S] (§12.1).
+
+        Returns (hidden after the MTP norm, MTP streams, MTP state); `logits(hidden)` predicts token t+2.
+        """
+        batch, chunk = next_ids.shape
+        if num_new is None:
+            num_new = jnp.full((batch,), chunk, jnp.int32)
+        return self.mtp[0](streams, next_ids, self.embed, state, num_new)
