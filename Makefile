@@ -1,0 +1,24 @@
+# Two entry points: `make generate` (sets up .venv, prints a continuation from the default model) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: generate test setup clean
+
+$(STAMP): requirements.lock requirements-test.lock pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements-test.lock
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+generate: $(STAMP)
+	$(PY) -m dsv4jax.generate --prompt "DeepSeek-V4 in JAX:" --max-new-tokens 24
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,147 @@
+"""The notebook-friendly entry point: `dsv4jax.load(...)` returns a `Model` with `logits` and `generate`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dsv4jax import run
+from dsv4jax.config import ConfigError, ModelConfig, load_config
+from dsv4jax.model import DeepseekV4, init_state
+from dsv4jax.tokenizer import load_tokenizer
+
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "dsv4-random-tiny"
+_BUCKET = 64
+
+
+def _bucket(n: int) -> int:
+    """Round a length up to a multiple of 64 so that shapes, and compilations, repeat."""
+    return max(_BUCKET, -(-n // _BUCKET) * _BUCKET)
+
+
+@jax.jit
+def sample_tokens(logits: jax.Array, key: jax.Array, temperature, top_k, top_p) -> jax.Array:
+    """Greedy where temperature == 0, else temperature / top-k (0 = off) / top-p sampling. logits [B,V]."""
+    greedy = jnp.argmax(logits, axis=-1)
+    scaled = logits / jnp.maximum(temperature, 1e-6)
+    order = jnp.argsort(-scaled, axis=-1)
+    ranked = jnp.take_along_axis(scaled, order, axis=-1)
+    rank = jnp.arange(logits.shape[-1])
+    keep = (top_k <= 0) | (rank < top_k)
+    # top-p keeps the smallest prefix whose mass reaches p (the first token always stays).
+    mass_before = jnp.cumsum(jax.nn.softmax(ranked, axis=-1), axis=-1) - jax.nn.softmax(ranked, axis=-1)
+    keep &= mass_before < top_p
+    choice = jax.random.categorical(key, jnp.where(keep, ranked, -jnp.inf), axis=-1)
+    sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
+    return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+
+
+class Model:
+    """A loaded DeepSeek-V4: parameters split once from the NNX module, plus its tokenizer."""
+
+    def __init__(self, model: DeepseekV4, name: str, tokenizer=None):
+        self.config: ModelConfig = model.config
+        self.name = name
+        self.module = model
+        self.graphdef, self.params = nnx.split(model)
+        self.tokenizer = tokenizer or load_tokenizer(None, self.config.vocab_size)
+
+    def encode(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return [self.config.bos_token_id] + self.tokenizer.encode(prompt)
+        ids = [int(t) for t in prompt]
+        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.config.vocab_size})")
+        if not ids:
+            raise ValueError("a prompt needs at least one token")
+        return ids
+
+    def _batch(self, prompts) -> tuple[list[list[int]], bool]:
+        single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], (int, np.integer)))
+        batch = [self.encode(p) for p in ([prompts] if single else prompts)]
+        if not batch:
+            raise ValueError("no prompts given")
+        return batch, single
+
+    def _padded(self, batch: list[list[int]], extra: int):
+        longest = max(len(s) for s in batch)
+        if longest + extra > self.config.max_position_embeddings:
+            raise ValueError(f"prompt ({longest} tokens) + {extra} new tokens exceeds max_position_embeddings "
+                             f"({self.config.max_position_embeddings})")
+        width = _bucket(longest)
+        ids = np.zeros((len(batch), width), np.int32)
+        for row, seq in enumerate(batch):
+            ids[row, :len(seq)] = seq
+        lengths = np.array([len(s) for s in batch], np.int32)
+        state = init_state(self.config, len(batch), _bucket(longest + extra))
+        return jnp.asarray(ids), jnp.asarray(lengths), state
+
+    def logits(self, prompts) -> np.ndarray | list[np.ndarray]:
+        """All-position fp32 logits: [S, V] for one prompt (text or ids), a list of those for a batch."""
+        batch, single = self._batch(prompts)
+        ids, lengths, state = self._padded(batch, 0)
+        logits, _, _ = run.forward(self.graphdef, self.params, state, ids, lengths)
+        logits = np.asarray(logits)
+        out = [logits[row, :len(seq)] for row, seq in enumerate(batch)]
+        return out[0] if single else out
+
+    def generate(self, prompts, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True):
+        """Continue each prompt; returns text for text prompts and token ids for id prompts."""
+        if max_new_tokens < 0 or temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError("need max_new_tokens ≥ 0, temperature ≥ 0 and 0 < top_p ≤ 1")
+        batch, single = self._batch(prompts)
+        ids, lengths, state = self._padded(batch, max_new_tokens)
+        logits, _, state = run.prefill(self.graphdef, self.params, state, ids, lengths)
+        key = jax.random.key(seed)
+        finished = jnp.zeros((len(batch),), bool)
+        produced = []
+        for step in range(max_new_tokens):
+            tokens = sample_tokens(logits, jax.random.fold_in(key, step), temperature, top_k, top_p)
+            produced.append(tokens)
+            if stop_at_eos:
+                finished = finished | (tokens == self.config.eos_token_id)
+            if step + 1 < max_new_tokens and not bool(jnp.all(finished)):
+                logits, _, state = run.decode(self.graphdef, self.params, state, tokens, ~finished)
+            elif step + 1 < max_new_tokens:
+                break
+        new = np.stack([np.asarray(t) for t in produced], axis=1) if produced else np.zeros((len(batch), 0), int)
+        results = []
+        for row, prompt in enumerate(prompts if not single else [prompts]):
+            tokens = new[row].tolist()
+            if stop_at_eos and self.config.eos_token_id in tokens:
+                tokens = tokens[:tokens.index(self.config.eos_token_id)]
+            results.append(self.tokenizer.decode(tokens) if isinstance(prompt, str) else tokens)
+        return results[0] if single else results
+
+
+def load(path_or_config: str | os.PathLike | ModelConfig | None = None, dtype: str | None = None,
+         seed: int = 0, progress: bool = True) -> Model:
+    """Load a model: a checkpoint directory, a config (file, directory without weights, or `ModelConfig`,
+    giving random weights), or, with no argument, the default model shipped in the repository."""
+    from dsv4jax.checkpoint.loader import load_model
+    from dsv4jax.checkpoint.safetensors_io import read_index
+
+    source = DEFAULT_MODEL if path_or_config is None else path_or_config
+    overrides = {"dtype": dtype} if dtype else {}
+    if isinstance(source, ModelConfig):
+        config = source.replace(**overrides)
+        return Model(DeepseekV4(config, nnx.Rngs(seed)), name="random")
+    path = Path(source)
+    if not path.exists():
+        raise ConfigError(f"no model at {path}: give a checkpoint directory or a config.json")
+    directory = path if path.is_dir() else path.parent
+    has_weights = path.is_dir() and (any(path.glob("*.safetensors")))
+    if has_weights:
+        read_index(path)
+        model = load_model(path, progress=progress, **overrides)
+        return Model(model, name=path.name, tokenizer=load_tokenizer(path, model.config.vocab_size))
+    config = load_config(path, **overrides)
+    return Model(DeepseekV4(config, nnx.Rngs(seed)), name=f"{directory.name} (random weights)",
+                 tokenizer=load_tokenizer(directory, config.vocab_size))

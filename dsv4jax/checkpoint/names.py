@@ -1,0 +1,92 @@
+"""Checkpoint tensor names (ARCHITECTURE §13) and where each lands in the model's parameter tree.
+
+Our parameter paths follow the official names, with three differences handled here:
+- hyper-connection params are grouped: `layers.L.hc_attn.fn` ⇔ `layers.L.hc_attn_fn` (also hc_ffn, hc_head);
+- the compressor projections are plain params: `…compressor.wkv` ⇔ `…compressor.wkv.weight`, and `head` ⇔ `head.weight`;
+- routed experts are stacked: `ffn.experts.w1` [E, I, D] ⇔ `ffn.experts.{e}.w1.weight` for every e.
+HF transformers names (`model.layers.L.self_attn.q_a_proj.weight`, ...) are translated to official ones first.
+"""
+
+from __future__ import annotations
+
+import re
+
+_HC_PARAM = re.compile(r"^(?P<prefix>(?:mtp\.\d+\.|layers\.\d+\.)?)hc_(?P<which>attn|ffn|head)\.(?P<part>fn|base|scale)$")
+_HC_NAME = re.compile(r"^(?P<prefix>(?:mtp\.\d+\.|layers\.\d+\.)?)hc_(?P<which>attn|ffn|head)_(?P<part>fn|base|scale)$")
+_EXPERT_NAME = re.compile(r"^(?P<prefix>.*\.ffn\.experts)\.(?P<expert>\d+)\.(?P<proj>w[123])\.weight$")
+
+
+def official_names(param_path: str, num_experts: int) -> list[tuple[str, int | None]]:
+    """Checkpoint names that fill one parameter: [(name, expert index or None)]."""
+    m = _HC_PARAM.match(param_path)
+    if m:
+        return [(f"{m['prefix']}hc_{m['which']}_{m['part']}", None)]
+    if param_path.endswith(".ffn.experts.w1") or param_path.endswith(".ffn.experts.w2") \
+            or param_path.endswith(".ffn.experts.w3"):
+        prefix, proj = param_path.rsplit(".", 1)
+        return [(f"{prefix}.{e}.{proj}.weight", e) for e in range(num_experts)]
+    if param_path.endswith((".compressor.wkv", ".compressor.wgate")) or param_path == "head":
+        return [(param_path + ".weight", None)]
+    return [(param_path, None)]
+
+
+def param_target(name: str) -> tuple[str, int | None]:
+    """Official checkpoint name -> (parameter path, expert index or None)."""
+    m = _HC_NAME.match(name)
+    if m:
+        return f"{m['prefix']}hc_{m['which']}.{m['part']}", None
+    m = _EXPERT_NAME.match(name)
+    if m:
+        return f"{m['prefix']}.{m['proj']}", int(m["expert"])
+    if name.endswith((".compressor.wkv.weight", ".compressor.wgate.weight")) or name == "head.weight":
+        return name[: -len(".weight")], None
+    return name, None
+
+
+# HF transformers 5.23 names -> official names (ARCHITECTURE §13, `conversion_mapping.py["deepseek_v4"]`).
+_HF_RULES: list[tuple[re.Pattern, str]] = [
+    (re.compile(p), r) for p, r in [
+        (r"^model\.embed_tokens\.", "embed."),
+        (r"^lm_head\.", "head."),
+        (r"^model\.norm\.", "norm."),
+        (r"^model\.hc_head\.hc_(fn|base|scale)$", r"hc_head_\1"),
+        (r"^model\.layers\.", "layers."),
+        (r"\.input_layernorm\.", ".attn_norm."),
+        (r"\.post_attention_layernorm\.", ".ffn_norm."),
+        (r"\.attn_hc\.(fn|base|scale)$", r".hc_attn_\1"),
+        (r"\.ffn_hc\.(fn|base|scale)$", r".hc_ffn_\1"),
+        (r"\.self_attn\.", ".attn."),
+        (r"\.mlp\.", ".ffn."),
+        (r"\.attn\.sinks$", ".attn.attn_sink"),
+        (r"\.attn\.q_a_proj\.", ".attn.wq_a."),
+        (r"\.attn\.q_a_norm\.", ".attn.q_norm."),
+        (r"\.attn\.q_b_proj\.", ".attn.wq_b."),
+        (r"\.attn\.kv_proj\.", ".attn.wkv."),
+        (r"\.attn\.o_a_proj\.", ".attn.wo_a."),
+        (r"\.attn\.o_b_proj\.", ".attn.wo_b."),
+        (r"\.compressor\.indexer\.q_b_proj\.", ".indexer.wq_b."),
+        (r"\.compressor\.indexer\.scorer\.weights_proj\.", ".indexer.weights_proj."),
+        (r"\.compressor\.indexer\.", ".indexer.compressor."),
+        (r"\.compressor\.kv_proj\.", ".compressor.wkv."),
+        (r"\.compressor\.gate_proj\.", ".compressor.wgate."),
+        (r"\.compressor\.kv_norm\.", ".compressor.norm."),
+        (r"\.compressor\.position_bias$", ".compressor.ape"),
+        (r"\.gate\.e_score_correction_bias$", ".gate.bias"),
+        (r"\.shared_experts\.gate_proj\.", ".shared_experts.w1."),
+        (r"\.shared_experts\.up_proj\.", ".shared_experts.w3."),
+        (r"\.shared_experts\.down_proj\.", ".shared_experts.w2."),
+        (r"\.weight_scale_inv$", ".scale"),
+    ]
+]
+# Stacked HF experts: gate_up_proj [E, 2I, D] = concat(w1_e, w3_e); down_proj [E, D, I] = w2_e.
+HF_STACKED_EXPERTS = re.compile(r"^(?P<prefix>.*\.ffn\.experts)\.(?P<proj>gate_up_proj|down_proj)$")
+
+
+def is_hf_naming(names) -> bool:
+    return any(n.startswith("model.") or n.startswith("lm_head.") for n in names)
+
+
+def hf_to_official(name: str) -> str:
+    for pattern, replacement in _HF_RULES:
+        name = pattern.sub(replacement, name)
+    return name

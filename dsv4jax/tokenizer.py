@@ -1,0 +1,44 @@
+"""Text <-> token ids: a model directory's `tokenizer.json` (the `tokenizers` library), or bytes for models
+that ship none (the random default model)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 3..258; 0 = BOS, 1 = EOS (the V4 ids), 2 unused."""
+
+    offset = 3
+
+    def __init__(self, vocab_size: int):
+        if vocab_size < 256 + self.offset:
+            raise ValueError(f"a byte tokenizer needs vocab_size ≥ {256 + self.offset}, got {vocab_size}")
+
+    def encode(self, text: str) -> list[int]:
+        return [b + self.offset for b in text.encode("utf-8")]
+
+    def decode(self, ids) -> str:
+        data = bytes(i - self.offset for i in ids if self.offset <= i < 256 + self.offset)
+        return data.decode("utf-8", errors="replace")
+
+
+class JsonTokenizer:
+    def __init__(self, path: str | os.PathLike):
+        from tokenizers import Tokenizer
+
+        self._tokenizer = Tokenizer.from_file(os.fspath(path))
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self._tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+def load_tokenizer(directory: str | os.PathLike | None, vocab_size: int):
+    path = Path(directory) / "tokenizer.json" if directory is not None else None
+    if path is not None and path.is_file():
+        return JsonTokenizer(path)
+    return ByteTokenizer(vocab_size)
