@@ -58,6 +58,7 @@ _HF_RULES: list[tuple[re.Pattern, str]] = [
         (r"\.self_attn\.", ".attn."),
         (r"\.mlp\.", ".ffn."),
         (r"\.attn\.sinks$", ".attn.attn_sink"),
+        (r"\.attn\.norm\.", ".attn.kv_norm."),  # what save_pretrained writes for the attention's kv_norm
         (r"\.attn\.q_a_proj\.", ".attn.wq_a."),
         (r"\.attn\.q_a_norm\.", ".attn.q_norm."),
         (r"\.attn\.q_b_proj\.", ".attn.wq_b."),
