@@ -334,6 +334,12 @@ def _validate(c: ModelConfig) -> None:
     if c.simulate_fp4_indexer:
         need(c.index_head_dim % 32 == 0 and (c.index_head_dim & (c.index_head_dim - 1)) == 0,
              f"simulate_fp4_indexer needs index_head_dim a power of two divisible by 32, got {c.index_head_dim}")
+    if c.simulate_fp8_activations:
+        dims = {"hidden_size": c.hidden_size, "q_lora_rank": c.q_lora_rank,
+                "moe_intermediate_size": c.moe_intermediate_size, "o_groups·o_lora_rank": c.o_groups * c.o_lora_rank}
+        bad = {k: v for k, v in dims.items() if v % 128}
+        need(not bad, f"simulate_fp8_activations quantizes FP8-linear inputs in blocks of 128; {bad} are not "
+             f"multiples of 128")
     if c.yarn is not None:
         need(c.yarn.factor >= 1 and c.yarn.original_max_position_embeddings > 0,
              f"rope_scaling needs factor >= 1 and original_max_position_embeddings > 0, got {c.yarn}")

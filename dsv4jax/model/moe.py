@@ -33,30 +33,35 @@ def grouped_matmul_reference(x: jax.Array, weight: jax.Array, group_sizes: jax.A
                                       preferred_element_type=jnp.float32)
 
 
-def routed_experts_reference(x, experts, weights, w1, w3, w2, limit: float) -> jax.Array:
+def routed_experts_reference(x, experts, weights, w1, w3, w2, limit: float,
+                             simulate_fp8_activations: bool = False) -> jax.Array:
     """Σ_k weights[t,k]·Expert_{experts[t,k]}(x_t) in fp32, via tokens sorted by expert.
 
     x [T,D] activations; experts [T,k] int; weights [T,k] fp32; w1, w3 [E,I,D]; w2 [E,D,I].
     The routing weight is applied before w2 in fp32; each expert's output is rounded to x.dtype (§9).
+    With `simulate_fp8_activations` both GEMM inputs are quantised like the official FP8×FP4 kernel's (§10.3).
     """
+    from dsv4jax.quant import fp8_qdq
+
+    quantize = (lambda a: fp8_qdq(a, 128)) if simulate_fp8_activations else (lambda a: a)
     tokens, k = experts.shape
     flat_experts = experts.reshape(-1)
     order = jnp.argsort(flat_experts, stable=True)
     token_of = order // k
     group_sizes = jnp.bincount(flat_experts, length=w1.shape[0])
-    sorted_x = x[token_of]
+    sorted_x = quantize(x[token_of])
     # Projections are rounded to the activation dtype first, as the official bf16 linears are.
     hidden = clamped_swiglu(grouped_matmul_reference(sorted_x, w1, group_sizes).astype(x.dtype),
                             grouped_matmul_reference(sorted_x, w3, group_sizes).astype(x.dtype), limit)
     hidden = hidden * weights.reshape(-1)[order][:, None]
-    out = grouped_matmul_reference(hidden.astype(x.dtype), w2, group_sizes).astype(x.dtype)
+    out = grouped_matmul_reference(quantize(hidden.astype(x.dtype)), w2, group_sizes).astype(x.dtype)
     return jnp.zeros((tokens, x.shape[-1]), jnp.float32).at[token_of].add(out.astype(jnp.float32))
 
 
 @functools.partial(jax.named_call, name="routed_experts")
-def routed_experts(x, experts, weights, w1, w3, w2, limit):
+def routed_experts(x, experts, weights, w1, w3, w2, limit, simulate_fp8_activations=False):
     """The swappable op (Pallas grouped GEMM on GPU later); the reference is the specification."""
-    return routed_experts_reference(x, experts, weights, w1, w3, w2, limit)
+    return routed_experts_reference(x, experts, weights, w1, w3, w2, limit, simulate_fp8_activations)
 
 
 class Gate(nnx.Module):
@@ -109,13 +114,14 @@ class Experts(nnx.Module):
     def __init__(self, config: ModelConfig, dtype, rngs: nnx.Rngs):
         c = config
         e, i, d = c.n_routed_experts, c.moe_intermediate_size, c.hidden_size
-        self.limit = c.swiglu_limit
+        self.limit, self.simulate_fp8_activations = c.swiglu_limit, c.simulate_fp8_activations
         self.w1 = nnx.Param(fan_in_normal(rngs, (e, i, d), dtype), axes=("expert", "moe_mlp", "embed"))
         self.w3 = nnx.Param(fan_in_normal(rngs, (e, i, d), dtype), axes=("expert", "moe_mlp", "embed"))
         self.w2 = nnx.Param(fan_in_normal(rngs, (e, d, i), dtype), axes=("expert", "embed", "moe_mlp"))
 
     def __call__(self, x, experts, weights) -> jax.Array:
-        return routed_experts(x, experts, weights, self.w1[...], self.w3[...], self.w2[...], self.limit)
+        return routed_experts(x, experts, weights, self.w1[...], self.w3[...], self.w2[...], self.limit,
+                              self.simulate_fp8_activations)
 
 
 class MoE(nnx.Module):
