@@ -94,3 +94,15 @@ def test_truncated_file_is_named(checkpoint, tmp_path):
     (tmp_path / "config.json").write_text((checkpoint / "config.json").read_text())
     with pytest.raises(CheckpointError, match="model.safetensors"):
         load_model(tmp_path, progress=False)
+
+
+def test_orbax_converted_round_trip(model, tmp_path):
+    from dsv4jax.checkpoint.converted import restore_converted, save_converted
+
+    save_converted(model, tmp_path / "converted")
+    restored = restore_converted(tmp_path / "converted")
+    assert restored.config == model.config
+    expected, got = _flat(model), _flat(restored)
+    assert expected.keys() == got.keys()
+    for path, value in expected.items():
+        np.testing.assert_array_equal(got[path], value, err_msg=str(path))
