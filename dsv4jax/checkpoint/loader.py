@@ -108,11 +108,12 @@ def read_checkpoint(directory: str | os.PathLike, config: ModelConfig, targets: 
         with SafetensorsFile(directory / file) as shard:
             names = set(shard.keys())
             for name in sorted(by_file[file]):
-                if name.endswith(".scale") or name.endswith(".weight_scale_inv"):
+                if name.endswith((".scale", ".weight_scale_inv")):
                     base = name.rsplit(".", 1)[0] + ".weight"
-                    if base not in weight_map:
+                    if base in weight_map:
+                        continue  # read together with its weight
+                    if name.endswith(".weight_scale_inv") or shard.dtype(name) == "F8_E8M0":
                         raise CheckpointError(f"scale tensor {name!r} in {file} has no weight {base!r}")
-                    continue
                 scale_name = next((s for s in (name[:-len(".weight")] + ".scale",
                                                name[:-len(".weight")] + ".weight_scale_inv")
                                    if name.endswith(".weight") and s in weight_map), None)
