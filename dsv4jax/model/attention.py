@@ -1,8 +1,6 @@
 """The V4 attention layer: q-LoRA, one shared K=V head, sink, inverse RoPE, grouped output (ARCHITECTURE §7)
 over the window and, for CSA/HCA layers, compressed rows (§8)."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -15,31 +13,7 @@ from dsv4jax.model.linear import Linear
 from dsv4jax.model.norm import RMSNorm, rms_normalize
 from dsv4jax.model.rope import apply_rope, rope_frequencies
 from dsv4jax.model.state import LayerState
-
-
-def sparse_attention_reference(q, kv, indices, sink, scale: float):
-    """Each query attends the K=V rows `indices` of its sequence, with a per-head sink (§7).
-
-    q [B,S,H,d]; kv [B,N,d] (one head, key = value); indices [B,S,K] int32, -1 = unused; sink [H] fp32.
-    Scores and softmax statistics in fp32, probabilities in the KV dtype for P·V, division at the end.
-    """
-    gathered = jax.vmap(lambda rows, idx: rows[idx])(kv, jnp.maximum(indices, 0))  # [B,S,K,d]
-    scores = jnp.einsum("bshd,bskd->bshk", q, gathered, preferred_element_type=jnp.float32,
-                        precision=jax.lax.Precision.HIGHEST) * scale
-    scores = jnp.where((indices >= 0)[:, :, None, :], scores, -jnp.inf)
-    sink = sink.astype(jnp.float32)[:, None]
-    peak = jnp.maximum(jnp.max(scores, axis=-1, keepdims=True), sink)  # the sink keeps the max finite
-    probs = jnp.exp(scores - peak)
-    denominator = jnp.sum(probs, axis=-1, keepdims=True) + jnp.exp(sink - peak)
-    out = jnp.einsum("bshk,bskd->bshd", probs.astype(kv.dtype), gathered, preferred_element_type=jnp.float32,
-                     precision=jax.lax.Precision.HIGHEST)
-    return (out / denominator).astype(q.dtype)
-
-
-@functools.partial(jax.named_call, name="sparse_attention")
-def sparse_attention(q, kv, indices, sink, scale):
-    """The swappable op (Pallas kernel on GPU later); the reference is the specification."""
-    return sparse_attention_reference(q, kv, indices, sink, scale)
+from dsv4jax.pallas.sparse_attention import sparse_attention
 
 
 class Attention(nnx.Module):

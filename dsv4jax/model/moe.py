@@ -1,8 +1,6 @@
 """Mixture of experts: sqrt-softplus router with selection bias or hash routing, clamped SwiGLU routed and
 shared experts, fp32 accumulation (ARCHITECTURE §9)."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -10,58 +8,11 @@ from flax import nnx
 from dsv4jax.config import ModelConfig
 from dsv4jax.model.init import fan_in_normal, normal
 from dsv4jax.model.linear import Linear, matmul_fp32
+from dsv4jax.pallas.moe_gmm import clamped_swiglu, routed_experts
 
 
 class Buffer(nnx.Variable):
     """Non-trainable state loaded from the checkpoint (the hash table `tid2eid`)."""
-
-
-def clamped_swiglu(gate: jax.Array, up: jax.Array, limit: float) -> jax.Array:
-    """§9: gate clamped from above only, up clamped on both sides, silu(gate)·up, all fp32."""
-    gate = jnp.minimum(gate.astype(jnp.float32), limit)
-    up = jnp.clip(up.astype(jnp.float32), -limit, limit)
-    return jax.nn.silu(gate) * up
-
-
-_CONTRACT_LAST = jax.lax.RaggedDotDimensionNumbers(
-    dot_dimension_numbers=(([1], [2]), ([], [])), lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
-
-
-def grouped_matmul_reference(x: jax.Array, weight: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    """Rows of x [M, K] sorted by group times weight[g]ᵀ ([G, N, K] checkpoint layout) -> [M, N] fp32."""
-    return jax.lax.ragged_dot_general(x, weight.astype(x.dtype), group_sizes, _CONTRACT_LAST,
-                                      preferred_element_type=jnp.float32)
-
-
-def routed_experts_reference(x, experts, weights, w1, w3, w2, limit: float,
-                             simulate_fp8_activations: bool = False) -> jax.Array:
-    """Σ_k weights[t,k]·Expert_{experts[t,k]}(x_t) in fp32, via tokens sorted by expert.
-
-    x [T,D] activations; experts [T,k] int; weights [T,k] fp32; w1, w3 [E,I,D]; w2 [E,D,I].
-    The routing weight is applied before w2 in fp32; each expert's output is rounded to x.dtype (§9).
-    With `simulate_fp8_activations` both GEMM inputs are quantised like the official FP8×FP4 kernel's (§10.3).
-    """
-    from dsv4jax.quant import fp8_qdq
-
-    quantize = (lambda a: fp8_qdq(a, 128)) if simulate_fp8_activations else (lambda a: a)
-    tokens, k = experts.shape
-    flat_experts = experts.reshape(-1)
-    order = jnp.argsort(flat_experts, stable=True)
-    token_of = order // k
-    group_sizes = jnp.bincount(flat_experts, length=w1.shape[0])
-    sorted_x = quantize(x[token_of])
-    # Projections are rounded to the activation dtype first, as the official bf16 linears are.
-    hidden = clamped_swiglu(grouped_matmul_reference(sorted_x, w1, group_sizes).astype(x.dtype),
-                            grouped_matmul_reference(sorted_x, w3, group_sizes).astype(x.dtype), limit)
-    hidden = hidden * weights.reshape(-1)[order][:, None]
-    out = grouped_matmul_reference(quantize(hidden.astype(x.dtype)), w2, group_sizes).astype(x.dtype)
-    return jnp.zeros((tokens, x.shape[-1]), jnp.float32).at[token_of].add(out.astype(jnp.float32))
-
-
-@functools.partial(jax.named_call, name="routed_experts")
-def routed_experts(x, experts, weights, w1, w3, w2, limit, simulate_fp8_activations=False):
-    """The swappable op (Pallas grouped GEMM on GPU later); the reference is the specification."""
-    return routed_experts_reference(x, experts, weights, w1, w3, w2, limit, simulate_fp8_activations)
 
 
 class Gate(nnx.Module):
