@@ -1,0 +1,80 @@
+"""Shared benchmark plumbing: timing, the two measured ceilings, and result files with provenance.
+
+Every benchmark writes `bench/results/<name>.json` holding the device, jax version, git commit, its config and
+figures. Timings are medians over repeated runs after warm-up, each synchronised with `block_until_ready`.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def device_name() -> str:
+    device = jax.devices()[0]
+    return getattr(device, "device_kind", device.platform)
+
+
+def device_slug() -> str:
+    return device_name().lower().replace("nvidia ", "").replace(" ", "-")
+
+
+def git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+        return commit + ("+dirty" if dirty else "") if commit else "unknown"
+    except OSError:
+        return "unknown"
+
+
+def median_seconds(fn, *args, warmup: int = 3, iters: int = 20) -> float:
+    """Median wall time of fn(*args) (already jitted), each run synchronised."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure_ceilings(matmul_size: int = 8192, copy_bytes: int = 2 << 30) -> dict:
+    """The matmul ceiling (bf16 n³ through XLA) and the copy bandwidth (bytes read + written), measured now."""
+    key = jax.random.key(0)
+    a = jax.random.normal(key, (matmul_size, matmul_size), jnp.bfloat16)
+    b = jax.random.normal(jax.random.fold_in(key, 1), (matmul_size, matmul_size), jnp.bfloat16)
+    matmul = jax.jit(lambda x, y: x @ y)
+    t_matmul = median_seconds(matmul, a, b)
+    x = jnp.ones((copy_bytes // 2,), jnp.bfloat16)
+    copy = jax.jit(lambda v: v * 2)
+    t_copy = median_seconds(copy, x)
+    return {"matmul_tflops": 2 * matmul_size ** 3 / t_matmul / 1e12,
+            "copy_tbps": 2 * copy_bytes / t_copy / 1e12}
+
+
+def roofline(flops: float, bytes_moved: float, ceilings: dict) -> dict:
+    """Floor time from the lower of the two ceilings, and what fraction of it a measured time reaches."""
+    t_compute = flops / (ceilings["matmul_tflops"] * 1e12)
+    t_memory = bytes_moved / (ceilings["copy_tbps"] * 1e12)
+    return {"floor_s": max(t_compute, t_memory), "bound": "compute" if t_compute >= t_memory else "memory"}
+
+
+def write_results(name: str, config: dict, records: list[dict], extra: dict | None = None) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    payload = {"name": name, "device": device_name(), "jax": jax.__version__, "commit": git_commit(),
+               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "config": config, "results": records, **(extra or {})}
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
