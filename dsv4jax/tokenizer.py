@@ -13,10 +13,12 @@ class ByteTokenizer:
     offset = 3
 
     def __init__(self, vocab_size: int):
-        if vocab_size < 256 + self.offset:
-            raise ValueError(f"a byte tokenizer needs vocab_size ≥ {256 + self.offset}, got {vocab_size}")
+        self.vocab_size = vocab_size
 
     def encode(self, text: str) -> list[int]:
+        if self.vocab_size < 256 + self.offset:
+            raise ValueError(f"this model has no tokenizer.json and its vocabulary ({self.vocab_size}) is too small "
+                             f"for byte tokens; pass token ids instead of text")
         return [b + self.offset for b in text.encode("utf-8")]
 
     def decode(self, ids) -> str:
