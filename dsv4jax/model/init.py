@@ -1,12 +1,29 @@
-"""Random initialisation helpers for models built without a checkpoint (tests, the random default model)."""
+"""Random initialisation for models built without a checkpoint (tests, the random default model).
+
+Values are drawn on the host with numpy from a seed split off the NNX `Rngs` stream: eager `jax.random` would
+compile one small program per parameter shape, which makes building even a tiny model take many seconds.
+"""
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 
+def host_generator(rngs: nnx.Rngs) -> np.random.Generator | None:
+    """A numpy generator seeded from the next key, or None while tracing (nnx.eval_shape, jit)."""
+    key = rngs.params()
+    if isinstance(key, jax.core.Tracer):
+        return None
+    return np.random.default_rng(np.asarray(jax.random.key_data(key)))
+
+
 def normal(rngs: nnx.Rngs, shape, std: float, dtype) -> jax.Array:
-    return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    generator = host_generator(rngs)
+    if generator is None:  # only shapes matter while tracing
+        return jnp.zeros(shape, dtype)
+    values = generator.standard_normal(shape, dtype=np.float32) * np.float32(std)
+    return jnp.asarray(values, dtype=dtype)
 
 
 def fan_in_normal(rngs: nnx.Rngs, shape, dtype) -> jax.Array:

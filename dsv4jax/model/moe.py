@@ -3,10 +3,11 @@ shared experts, fp32 accumulation (ARCHITECTURE §9)."""
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from dsv4jax.config import ModelConfig
-from dsv4jax.model.init import fan_in_normal, normal
+from dsv4jax.model.init import fan_in_normal, host_generator, normal
 from dsv4jax.model.linear import Linear, matmul_fp32
 from dsv4jax.pallas.moe_gmm import clamped_swiglu, routed_experts
 
@@ -26,9 +27,13 @@ class Gate(nnx.Module):
                                 axes=("expert", "embed"))
         if self.hash_routing:
             # Distinct experts per token (§9 last note); a random permutation's first k entries.
-            keys = jax.random.split(rngs.params(), c.vocab_size)
-            table = jax.vmap(lambda key: jax.random.permutation(key, c.n_routed_experts)[:c.num_experts_per_tok])(keys)
-            self.tid2eid = Buffer(table.astype(jnp.int32), axes=("vocab", None))
+            generator = host_generator(rngs)
+            if generator is None:  # tracing: only the shape matters
+                table = np.zeros((c.vocab_size, c.num_experts_per_tok), np.int32)
+            else:
+                table = np.argsort(generator.random((c.vocab_size, c.n_routed_experts)), axis=-1)
+                table = table[:, :c.num_experts_per_tok]
+            self.tid2eid = Buffer(jnp.asarray(table, jnp.int32), axes=("vocab", None))
         else:
             self.bias = nnx.Param(normal(rngs, (c.n_routed_experts,), 0.1, jnp.float32), axes=("expert",))
 
