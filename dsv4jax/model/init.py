@@ -10,18 +10,21 @@ import numpy as np
 from flax import nnx
 
 
+def _tracing(key: jax.Array) -> bool:
+    return isinstance(key, jax.core.Tracer)
+
+
 def host_generator(rngs: nnx.Rngs) -> np.random.Generator | None:
-    """A numpy generator seeded from the next key, or None while tracing (nnx.eval_shape, jit)."""
+    """A numpy generator seeded from the next key, or None while tracing (under jit or nnx.eval_shape)."""
     key = rngs.params()
-    if isinstance(key, jax.core.Tracer):
-        return None
-    return np.random.default_rng(np.asarray(jax.random.key_data(key)))
+    return None if _tracing(key) else np.random.default_rng(np.asarray(jax.random.key_data(key)))
 
 
 def normal(rngs: nnx.Rngs, shape, std: float, dtype) -> jax.Array:
-    generator = host_generator(rngs)
-    if generator is None:  # only shapes matter while tracing
-        return jnp.zeros(shape, dtype)
+    key = rngs.params()
+    if _tracing(key):  # under jit (e.g. initialising a large model on the accelerator): draw on the device
+        return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+    generator = np.random.default_rng(np.asarray(jax.random.key_data(key)))
     values = generator.standard_normal(shape, dtype=np.float32) * np.float32(std)
     return jnp.asarray(values, dtype=dtype)
 
