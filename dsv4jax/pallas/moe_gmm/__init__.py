@@ -1,14 +1,124 @@
-"""MoE grouped GEMM: routed experts over tokens sorted by expert, with the clamped SwiGLU between the GEMMs."""
+"""MoE grouped GEMM: routed experts over tokens sorted by expert, with the clamped SwiGLU between the GEMMs.
 
+`routed_experts` runs the Mosaic GPU kernels (kernel.py) when `dsv4jax.pallas.implementation()` is "pallas", or
+"auto" on a GPU for supported shapes; else the reference (the specification). The sort by expert and the
+scatter back to tokens stay in plain JAX around the two kernels.
+"""
+
+import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 
+from dsv4jax import pallas as _pallas
 from dsv4jax.pallas.moe_gmm.reference import clamped_swiglu, grouped_matmul_reference, routed_experts_reference
+
+_ROW_ALIGN = 128  # sorted rows are padded to this (every block_m divides it)
+
+
+def _interpret():
+    if _pallas.on_gpu():
+        return None
+    from dsv4jax.pallas.compat import mosaic_gpu_interpret_params
+
+    return mosaic_gpu_interpret_params()
+
+
+def grouped_matmul(x, w, group_sizes, w_scale=None, *, cfg=None, out_dtype=None, interpret=None):
+    """Kernel: rows of x [M, K] sorted by group times w[g]ᵀ (w [G, N, K] bf16, or e4m3 with 128x128 UE8M0
+    w_scale [G, N/128, K/128]) -> [M, N] in out_dtype (x.dtype). Rows past sum(group_sizes) are unwritten."""
+    from dsv4jax.pallas.moe_gmm import kernel
+
+    return kernel.grouped_matmul(x, w, group_sizes, w_scale, cfg=cfg, out_dtype=out_dtype, interpret=interpret)
+
+
+def grouped_matmul_swiglu(x, w1, w3, group_sizes, row_weights, limit, w1_scale=None, w3_scale=None, *, cfg=None,
+                          interpret=None):
+    """Kernel: fused first layer, x.dtype(clamped_swiglu(x.dtype(x@w1ᵀ), x.dtype(x@w3ᵀ)) · row_weights[:, None])."""
+    from dsv4jax.pallas.moe_gmm import kernel
+
+    return kernel.grouped_matmul_swiglu(x, w1, w3, group_sizes, row_weights, limit, w1_scale, w3_scale, cfg=cfg,
+                                        interpret=interpret)
+
+
+def dequantize_fp8_blocks(w, scale):
+    """§10.2: e4m3 [G, N, K] times 2^(e8m0 - 127) per 128x128 block -> fp32."""
+    s = scale.astype(jnp.float32)
+    s = jnp.repeat(jnp.repeat(s, 128, axis=-2)[..., : w.shape[-2], :], 128, axis=-1)[..., : w.shape[-1]]
+    return w.astype(jnp.float32) * s
+
+
+def grouped_matmul_ref(x, w, group_sizes, w_scale=None, out_dtype=None):
+    """Reference for `grouped_matmul` (fp8 weights dequantised to x.dtype, exact)."""
+    if w_scale is not None:
+        w = dequantize_fp8_blocks(w, w_scale).astype(x.dtype)
+    return grouped_matmul_reference(x, w, group_sizes).astype(out_dtype or x.dtype)
+
+
+def grouped_matmul_swiglu_ref(x, w1, w3, group_sizes, row_weights, limit, w1_scale=None, w3_scale=None):
+    """Reference for `grouped_matmul_swiglu`, the first half of `routed_experts_reference`."""
+    if w1_scale is not None:
+        w1 = dequantize_fp8_blocks(w1, w1_scale).astype(x.dtype)
+        w3 = dequantize_fp8_blocks(w3, w3_scale).astype(x.dtype)
+    h = clamped_swiglu(grouped_matmul_reference(x, w1, group_sizes).astype(x.dtype),
+                       grouped_matmul_reference(x, w3, group_sizes).astype(x.dtype), limit)
+    return (h * row_weights.astype(jnp.float32)[:, None]).astype(x.dtype)
+
+
+def _configs(rows: int, d: int, i: int):
+    from dsv4jax.pallas.moe_gmm import kernel
+
+    return (kernel.default_config(rows, i, d, fused=True), kernel.default_config(rows, d, i, fused=False))
+
+
+def kernel_supported(x, experts, w1, w3, w2) -> bool:
+    from dsv4jax.pallas.moe_gmm import kernel
+
+    rows = experts.shape[0] * experts.shape[1]
+    e, i, d = w1.shape
+    if rows == 0 or x.dtype != jnp.bfloat16 or w3.shape != w1.shape or w2.shape != (e, d, i):
+        return False
+    if any(w.dtype != jnp.bfloat16 for w in (w1, w3, w2)):
+        return False
+    c1, c2 = _configs(rows, d, i)
+    return kernel.supported(rows, i, d, c1) and kernel.supported(rows, d, i, c2)
+
+
+def routed_experts_pallas(x, experts, weights, w1, w3, w2, limit: float, simulate_fp8_activations: bool = False,
+                          *, interpret=None):
+    """`routed_experts_reference` with the two grouped GEMMs (the first fused with the SwiGLU) as kernels."""
+    from dsv4jax.quant import fp8_qdq
+
+    quantize = (lambda a: fp8_qdq(a, 128)) if simulate_fp8_activations else (lambda a: a)
+    tokens, k = experts.shape
+    e, i, d = w1.shape
+    rows = tokens * k
+    flat_experts = experts.reshape(-1)
+    order = jnp.argsort(flat_experts, stable=True)
+    token_of = order // k
+    group_sizes = jnp.bincount(flat_experts, length=e).astype(jnp.int32)
+    padded = -(-rows // _ROW_ALIGN) * _ROW_ALIGN
+    # Pad inside the gathers (rows past `rows` belong to no group: never stored, never read back).
+    gather = jnp.concatenate([token_of, jnp.zeros((padded - rows,), token_of.dtype)])
+    sorted_x = quantize(x[gather])
+    row_weights = jnp.concatenate([weights.reshape(-1)[order].astype(jnp.float32),
+                                   jnp.zeros((padded - rows,), jnp.float32)])
+    c1, c2 = _configs(rows, d, i)
+    if interpret is not None:  # fewer simulated CTAs
+        c1, c2 = (dataclasses.replace(c, num_sms=4) for c in (c1, c2))
+    hidden = grouped_matmul_swiglu(sorted_x, w1, w3, group_sizes, row_weights, limit, cfg=c1, interpret=interpret)
+    out = grouped_matmul(quantize(hidden), w2, group_sizes, cfg=c2, interpret=interpret)[:rows]
+    return jnp.zeros((tokens, d), jnp.float32).at[token_of].add(out.astype(jnp.float32))
 
 
 @functools.partial(jax.named_call, name="routed_experts")
 def routed_experts(x, experts, weights, w1, w3, w2, limit: float, simulate_fp8_activations: bool = False):
     """Σ_k weights[t,k]·Expert_{experts[t,k]}(x_t) in fp32; x [T,D], experts/weights [T,k], w1/w3 [E,I,D],
     w2 [E,D,I]. The reference is the specification."""
+    choice = _pallas.implementation()
+    use_kernel = choice == "pallas" or (choice == "auto" and _pallas.on_gpu())
+    if use_kernel and kernel_supported(x, experts, w1, w3, w2):
+        return routed_experts_pallas(x, experts, weights, w1, w3, w2, limit, simulate_fp8_activations,
+                                     interpret=_interpret())
     return routed_experts_reference(x, experts, weights, w1, w3, w2, limit, simulate_fp8_activations)

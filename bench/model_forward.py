@@ -1,0 +1,122 @@
+"""End-to-end forward of the `flash-slice` config (V4-Flash widths, 4 layers, 32 experts; ENVIRONMENT.md) on one GPU:
+prefill time at 1k and 4k tokens and decode time per token at batch 1, with the Pallas kernels and with the pure-JAX
+reference path, and the agreement of their logits (bf16). Writes bench/results/model-forward-<device>.json.
+
+    python3 bench/model_forward.py [--lengths 1024 4096] [--decode-steps 32] [--implementations pallas reference]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from bench.common import device_slug, median_seconds, write_results  # noqa: E402
+from dsv4jax import pallas, run  # noqa: E402
+from dsv4jax.config import load_config  # noqa: E402
+from dsv4jax.model import DeepseekV4, init_state  # noqa: E402
+
+CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                      "deepseek-v4-flash-slice.json")
+
+
+def build_model(path: str, seed: int = 0):
+    config = load_config(path, dtype="bfloat16")
+    start = time.perf_counter()
+    model = nnx.jit(lambda: DeepseekV4(config, nnx.Rngs(seed)))()  # drawn on the device
+    graphdef, params = nnx.split(model)
+    jax.block_until_ready(params)
+    count = sum(x.size for x in jax.tree.leaves(params))
+    return config, graphdef, params, count, time.perf_counter() - start
+
+
+def rel_l2(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def jitted(fn, implementation):
+    """A separately traced copy of `fn` whose kernels follow `implementation` ("pallas" or "reference")."""
+    def call(*args):
+        with pallas.use(implementation):
+            return fn(*args)
+    return jax.jit(call)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--decode-steps", type=int, default=32)
+    parser.add_argument("--implementations", nargs="+", default=["pallas", "reference"])
+    parser.add_argument("--config", default=CONFIG)
+    args = parser.parse_args()
+
+    config, graphdef, params, count, build_s = build_model(args.config)
+    print(f"flash-slice: {count / 1e9:.2f} B parameters, built in {build_s:.1f} s", flush=True)
+    implementations = args.implementations
+    records = []
+    for length in args.lengths:
+        ids = jax.random.randint(jax.random.key(length), (1, length), 0, config.vocab_size)
+        num_new = jnp.array([length], jnp.int32)
+        state = init_state(config, 1, length + args.decode_steps + 64)
+        logits = {}
+        for implementation in implementations:
+            forward = jitted(lambda p, s, i, n: run.forward.__wrapped__(graphdef, p, s, i, n)[0], implementation)
+            try:
+                logits[implementation] = np.asarray(forward(params, state, ids, num_new), np.float32)
+                seconds = median_seconds(forward, params, state, ids, num_new, warmup=1, iters=5)
+            except Exception as error:  # e.g. the reference running out of memory
+                records.append({"phase": "prefill", "tokens": length, "implementation": implementation,
+                                "error": f"{type(error).__name__}: {str(error)[:300]}"})
+                print(f"prefill {length} {implementation}: {type(error).__name__}", flush=True)
+                continue
+            records.append({"phase": "prefill", "tokens": length, "implementation": implementation,
+                            "seconds": seconds, "tokens_per_s": length / seconds})
+            print(f"prefill {length:6d} {implementation:9s} {seconds * 1e3:9.1f} ms  {length / seconds:9.0f} tok/s",
+                  flush=True)
+        if {"pallas", "reference"} <= logits.keys():
+            agreement = {"phase": "prefill-agreement", "tokens": length,
+                         "logits_rel_l2": rel_l2(logits["pallas"], logits["reference"]),
+                         "argmax_agreement": float(np.mean(logits["pallas"].argmax(-1) ==
+                                                           logits["reference"].argmax(-1)))}
+            records.append(agreement)
+            print(f"prefill {length}: pallas vs reference logits rel-L2 {agreement['logits_rel_l2']:.3e}, "
+                  f"argmax agreement {agreement['argmax_agreement']:.3f}", flush=True)
+
+    # Decode at batch 1 after a 1k prompt: time per output token.
+    prompt = 1024
+    ids = jax.random.randint(jax.random.key(7), (1, prompt), 0, config.vocab_size)
+    for implementation in implementations:
+        prefill = jitted(lambda p, s, i, n: run.prefill.__wrapped__(graphdef, p, s, i, n), implementation)
+        decode = jitted(lambda p, s, t, a: run.decode.__wrapped__(graphdef, p, s, t, a), implementation)
+        state = init_state(config, 1, prompt + args.decode_steps + 64)
+        logits, _, state = prefill(params, state, ids, jnp.array([prompt], jnp.int32))
+        token = jnp.argmax(logits, -1).astype(jnp.int32)
+        active = jnp.ones((1,), bool)
+        logits, _, state = decode(params, state, token, active)  # compile
+        jax.block_until_ready(logits)
+        start = time.perf_counter()
+        for _ in range(args.decode_steps):
+            logits, _, state = decode(params, state, jnp.argmax(logits, -1).astype(jnp.int32), active)
+        jax.block_until_ready(logits)
+        per_token = (time.perf_counter() - start) / args.decode_steps
+        records.append({"phase": "decode", "batch": 1, "context": prompt, "implementation": implementation,
+                        "seconds_per_token": per_token})
+        print(f"decode batch 1 ctx {prompt} {implementation:9s} {per_token * 1e3:8.2f} ms/token", flush=True)
+
+    name = os.path.splitext(os.path.basename(args.config))[0]
+    path = write_results(f"model-forward-{device_slug()}", {"config": name, "dtype": "bfloat16",
+                                                            "parameters": count}, records)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
