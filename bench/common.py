@@ -7,6 +7,7 @@ figures. Timings are medians over repeated runs after warm-up, each synchronised
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import time
@@ -28,6 +29,10 @@ def device_slug() -> str:
 
 
 def git_commit() -> str:
+    """The commit the run was made from: DSV4JAX_COMMIT (set by the caller: the GPU machine gets a copy of the
+    working tree without .git), else `git rev-parse HEAD` here."""
+    if os.environ.get("DSV4JAX_COMMIT"):
+        return os.environ["DSV4JAX_COMMIT"]
     try:
         root = Path(__file__).resolve().parent.parent
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
