@@ -65,13 +65,29 @@ class DecodeState:
         return self.lengths.shape[0]
 
     @property
-    def max_len(self) -> int:
-        """Token capacity of the compressed-row buffers (sliding-only stacks have no limit)."""
+    def capacity(self) -> int | None:
+        """Tokens per sequence the row buffers can hold (None: sliding-only, unlimited)."""
+        limits = []
         for layer in self.layers:
-            if layer.compressor is not None:
-                ratio = layer.compressor.kv.shape[1] // (2 if layer.indexer is not None else 1)
-                return layer.compressor.rows.shape[1] * ratio
-        return 1 << 62
+            for compressor in (layer.compressor, layer.indexer):
+                if compressor is not None:
+                    coff = compressor.kv.shape[2] // compressor.rows.shape[2]  # projections are coff·d_c wide
+                    ratio = compressor.kv.shape[1] // coff  # the ring holds coff·m positions
+                    # Row j is emitted once position (j+1)·m − 1 is processed: R rows last until (R+1)·m − 1.
+                    limits.append((compressor.rows.shape[1] + 1) * ratio - 1)
+        return min(limits) if limits else None
+
+    def check_room(self, num_new) -> None:
+        """Raise if adding `num_new` [B] tokens would overflow a row buffer (rows would be silently dropped)."""
+        import numpy as np
+
+        capacity = self.capacity
+        if capacity is None:
+            return
+        needed = int(np.max(np.asarray(self.lengths) + np.asarray(num_new)))
+        if needed > capacity:
+            raise ValueError(f"sequence length {needed} exceeds the state's capacity of {capacity} tokens; "
+                             f"create the state with a larger max_len")
 
 
 def init_state(config: ModelConfig, batch: int, max_len: int, mtp: bool = False) -> DecodeState:
