@@ -1,0 +1,1 @@
+"""Training: the corpus, the tokenizer, and (later) the optax/orbax training loop."""
