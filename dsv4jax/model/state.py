@@ -35,7 +35,7 @@ class CompressorState:
         coff = 2 if ratio == 4 else 1
         ring = (batch, coff * ratio, coff * dim)
         return CompressorState(kv=jnp.zeros(ring, jnp.float32), gate=jnp.zeros(ring, jnp.float32),
-                               rows=jnp.zeros((batch, max_len // ratio, dim), dtype))
+                               rows=jnp.zeros((batch, max(1, max_len // ratio), dim), dtype))  # ≥ 1: empty axes break gradients
 
 
 @_pytree
