@@ -3,12 +3,37 @@
 import functools
 
 import jax
+import jax.numpy as jnp
 
+from dsv4jax import pallas as _pallas
 from dsv4jax.pallas.sparse_attention.reference import sparse_attention_reference
+
+
+def _use_kernel(q, kv, indices, sink) -> bool:
+    choice = _pallas.implementation()
+    if choice == "reference":
+        return False
+    from dsv4jax.pallas.sparse_attention.kernel import unsupported_reason
+
+    reason = unsupported_reason(q, kv, indices, sink)
+    if choice == "pallas":
+        if reason:
+            raise ValueError(f"sparse_attention: the Pallas kernel does not support this call ({reason})")
+        return True
+    from dsv4jax.pallas.sparse_attention.kernel import VERIFIED_ON_GPU
+
+    # "auto" takes the kernel only once it has passed on a GPU (see NOTES.md: it does not yet).
+    return reason is None and _pallas.on_gpu() and VERIFIED_ON_GPU
 
 
 @functools.partial(jax.named_call, name="sparse_attention")
 def sparse_attention(q, kv, indices, sink, scale: float):
-    """q [B,S,H,d]; kv [B,N,d] (one head, key = value); indices [B,S,K] int32 into kv's rows, -1 = unused;
-    sink [H] fp32 -> [B,S,H,d] in q's dtype. The reference is the specification."""
+    """q [B,S,H,d]; kv [B,N,d] (one head, key = value; batch 1 = shared over B); indices [B,S,K] int32 into kv's
+    rows, -1 = unused; sink [H] fp32 -> [B,S,H,d] in q's dtype. The reference is the specification."""
+    if _use_kernel(q, kv, indices, sink):
+        from dsv4jax.pallas.sparse_attention.kernel import sparse_attention_kernel
+
+        return sparse_attention_kernel(q, kv, indices, sink, scale=float(scale))
+    if kv.shape[0] == 1 and q.shape[0] > 1:
+        kv = jnp.broadcast_to(kv, (q.shape[0], *kv.shape[1:]))
     return sparse_attention_reference(q, kv, indices, sink, scale)

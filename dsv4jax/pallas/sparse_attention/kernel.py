@@ -1,0 +1,279 @@
+"""Mosaic GPU (Hopper) kernel for the V4 sparse attention core (ARCHITECTURE §7).
+
+One CTA per (query token, group of 64 heads); three warpgroups:
+
+* WG0 and WG1 (compute) each own one half of d (``dh = d/2``).  For every block of ``bk`` gathered KV rows:
+  ``S_h = Q[:, half h] · K[:, half h]ᵀ`` by wgmma (M = 64 heads, N = bk, K = dh), the two fp32 partial score
+  tiles are exchanged through shared memory and summed (identically in both warpgroups), then the online
+  softmax (the sink is the initial running max, so masked / empty blocks never give NaN), and
+  ``acc_h += P(bf16) · V[:, half h]`` by wgmma with P from registers.
+* WG2 (memory) gathers the rows: Hopper TMA has no gather, so each row is one 1-row TMA (``d`` elements) into an
+  untransformed staging buffer; the warpgroup then copies the staging block into the (8, 64)-tiled, 128B-swizzled
+  buffer that wgmma reads, and signals the compute warpgroups.  Staging and tiled buffers are double-buffered, so
+  the row gathers of block j+2 fly while block j is converted and blocks j/j-1 are multiplied.
+
+Invalid slots (index -1) load row 0 and are masked to -inf before the softmax.  The indices are padded to a
+multiple of ``bk`` with -1 by the wrapper; heads are padded to a multiple of 64.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+
+LOG2E = math.log2(math.e)
+# The compiled kernel gives wrong outputs on the H100 (jax 0.11.2) while it passes in the interpreter; "auto"
+# dispatch keeps the reference until this is True. See NOTES.md.
+VERIFIED_ON_GPU = False
+OUT_VIA_SMEM = True  # False (store from registers) was tried: same wrong output on the H100
+HEADS_PER_CTA = 64  # wgmma M of one warpgroup
+
+
+def unsupported_reason(q, kv, indices, sink) -> str | None:
+    """None when the kernel handles these shapes/dtypes, else why not."""
+    if q.ndim != 4 or kv.ndim != 3 or indices.ndim != 3:
+        return "rank"
+    B, S, H, d = q.shape
+    if kv.shape[0] not in (1, B) or kv.shape[2] != d or indices.shape[:2] != (B, S):
+        return "shapes"
+    if q.dtype != kv.dtype or q.dtype not in (jnp.bfloat16, jnp.float16):
+        return "dtype (bf16/f16 q and kv of one dtype)"
+    if H % 16:
+        return "H must be a multiple of 16"
+    if d % 128 or d > 512:
+        return "d must be a multiple of 128, at most 512"
+    if kv.shape[1] < 1 or indices.shape[2] < 1:
+        return "empty"
+    return None
+
+
+def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False):
+    G = Hp // HEADS_PER_CTA
+    dh = d // 2
+    nblk = Kp // bk
+    NS = 2  # staging buffers (row gathers in flight)
+    NT = 2  # tiled buffers (wgmma operands)
+    CW = 64  # conversion chunk width (columns)
+    M = HEADS_PER_CTA
+    XP = 0 if debug else 8  # exchange row padding (the debug dump needs a contiguous tile)
+    TL = T if T <= 32768 else 1024  # CUDA grid y/z dimensions stop at 65535: tokens as (T/TL, TL)
+    assert T % TL == 0
+    RW = min(d, 256)  # a TMA box has at most 256 elements per dimension: rows travel as [d/RW, RW]
+    IC = next(c for c in (256, 128, 64, 32) if Kp % c == 0)  # index chunk per TMA
+    qk_scale = scale * LOG2E
+    itemsize = jnp.dtype(dtype).itemsize
+    # P·V contracts over the bk rows: with the rows as the MN-major K dimension, wgmma needs K to be a multiple
+    # of the swizzle width, so the KV tiles use a 64B swizzle for bk = 32 (128B for bk = 64).
+    swz = min(128, bk * itemsize)
+    tiled_t = (plgpu.TilingTransform((8, swz // itemsize)), plgpu.SwizzleTransform(swz))
+    copy_layout = plgpu.Layout.SMEM_GMEM_COPY((bk, CW), jnp.dtype(dtype), swz)
+
+    def load(ref, layout, **kw):
+        if interpret is not None:  # the Mosaic GPU interpreter has no rule for plgpu.load on SMEM
+            return ref[...]
+        return plgpu.load(ref, (), layout=layout, **kw)
+
+    def cast(x, layout):
+        return x if interpret is not None else plgpu.layout_cast(x, layout)
+
+    def body(q_ref, kv_ref, idx_ref, sink_ref, out_ref, *rest):
+        if debug:
+            dbg_tiled, dbg_s, *rest = rest
+        (q_smem, stage, tiled, exch, idx_smem, sink_smem,
+         q_bar, idx_bar, stage_bar, ready_bar, free_bar, x_bar, xfree_bar) = rest
+        return body_(q_ref, kv_ref, idx_ref, sink_ref, out_ref, q_smem, stage, tiled, exch, idx_smem, sink_smem,
+             q_bar, idx_bar, stage_bar, ready_bar, free_bar, x_bar, xfree_bar,
+             dbg_tiled if debug else None, dbg_s if debug else None)
+
+    def body_(q_ref, kv_ref, idx_ref, sink_ref, out_ref, q_smem, stage, tiled, exch, idx_smem, sink_smem,
+              q_bar, idx_bar, stage_bar, ready_bar, free_bar, x_bar, xfree_bar, dbg_tiled, dbg_s):
+        tok = lax.axis_index("th") * TL + lax.axis_index("tl")
+        grp = lax.axis_index("hg")
+        wg = lax.axis_index("wg")
+        kv_b = 0 if Bk == 1 else jnp.minimum(lax.div(tok, jnp.int32(S)), Bk - 1)
+
+        @pl.when(wg < 2)
+        def _compute():
+            plgpu.set_max_registers(232, action="increase")
+            h = wg
+            plgpu.copy_gmem_to_smem(q_ref.at[tok, pl.ds(grp * M, M), pl.ds(h * dh, dh)], q_smem.at[h], q_bar.at[h])
+            plgpu.copy_gmem_to_smem(sink_ref.at[grp], sink_smem.at[h], q_bar.at[h])
+            plgpu.barrier_wait(q_bar.at[h])
+            m0 = load(sink_smem.at[h], plgpu.Layout.WGMMA.reduce(1))  # sink·log2e
+            l0 = cast(jnp.full((M,), 1.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+            acc0 = cast(jnp.zeros((M, dh), jnp.float32), plgpu.Layout.WGMMA)
+
+            def step(j, carry):
+                acc, m_i, l_i = carry
+                slot = lax.rem(j, NT)
+                plgpu.barrier_wait(ready_bar.at[slot])
+                kv_half = tiled.at[slot, :, pl.ds(h * dh, dh)]
+
+                def qk(acc_ref):
+                    plgpu.wgmma(acc_ref, q_smem.at[h], plgpu.transpose_ref(kv_half, (1, 0)))
+                    return acc_ref[...]
+
+                if interpret is None:
+                    s_own = pl.run_scoped(qk, plgpu.ACC((M, bk), jnp.float32))
+                else:  # the interpreter's wgmma ignores transposed operands: same product as a plain dot
+                    s_own = lax.dot_general(q_smem.at[h][...], kv_half[...], (((1,), (1,)), ((), ())),
+                                            preferred_element_type=jnp.float32)
+
+                @pl.when(j > 0)
+                def _():
+                    plgpu.barrier_wait(xfree_bar)  # the other WG has read the previous exchange
+
+                exch.at[h, :, pl.ds(0, bk)][...] = s_own
+                plgpu.barrier_arrive(x_bar)
+                plgpu.barrier_wait(x_bar)
+                s_other = load(exch.at[1 - h, :, pl.ds(0, bk)], plgpu.Layout.WGMMA, optimized=not debug)
+                plgpu.barrier_arrive(xfree_bar)
+                s = (s_own + s_other) * qk_scale  # fp32 + is commutative: both WGs get identical scores
+                ids = load(idx_smem.at[pl.ds(j * bk, bk)], plgpu.Layout.WGMMA.reduce(0))
+                valid = lax.broadcast_in_dim(ids >= 0, (M, bk), [1])
+                s = jnp.where(valid, s, -jnp.inf)
+                if debug:
+                    @pl.when((j == 0) & (h == 0))
+                    def _():
+                        exch.at[0, :, pl.ds(0, bk)][...] = s_own
+                        plgpu.commit_smem()
+                        plgpu.copy_smem_to_gmem(exch.at[0, :, pl.ds(0, bk)], dbg_s.at[tok])
+                        plgpu.copy_smem_to_gmem(tiled.at[slot], dbg_tiled.at[tok])
+                        plgpu.wait_smem_to_gmem(0)
+                m_new = jnp.maximum(m_i, s.max(axis=1))
+                alpha = jnp.exp2(m_i - m_new)
+                p = jnp.exp2(s - lax.broadcast_in_dim(m_new, (M, bk), [0]))
+                l_i = l_i * alpha + p.sum(axis=1)
+                acc = acc * lax.broadcast_in_dim(alpha, (M, dh), [0])
+                p16 = p.astype(dtype)
+
+                if interpret is None:
+                    def pv(acc_ref):
+                        plgpu.wgmma(acc_ref, p16, kv_half)
+
+                    acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                else:  # the interpreter has no run_state and no wgmma with A in registers: a plain dot
+                    acc = acc + jnp.dot(p16, kv_half[...], preferred_element_type=jnp.float32)
+                plgpu.barrier_arrive(free_bar.at[slot])
+                return acc, m_new, l_i
+
+            acc, m_i, l_i = lax.fori_loop(0, nblk, step, (acc0, m0, l0))
+            plgpu.barrier_wait(xfree_bar)  # observe the last exchange phase (barriers end fully observed)
+            acc = acc / lax.broadcast_in_dim(l_i, (M, dh), [0])
+            out_dst = out_ref.at[tok, pl.ds(grp * M, M), pl.ds(h * dh, dh)]
+            if OUT_VIA_SMEM or interpret is not None:
+                q_smem.at[h][...] = acc.astype(dtype)  # this WG's Q half is no longer needed
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(q_smem.at[h], out_dst)
+                plgpu.wait_smem_to_gmem(0)
+            else:  # straight from registers: the 64B-swizzled SMEM -> GMEM TMA gave wrong data on the H100
+                out_dst[...] = acc.astype(dtype)
+
+        @pl.when(wg == 2)
+        def _memory():
+            plgpu.set_max_registers(40, action="decrease")
+            for c in range(Kp // IC):
+                plgpu.copy_gmem_to_smem(idx_ref.at[tok, pl.ds(c * IC, IC)], idx_smem.at[pl.ds(c * IC, IC)], idx_bar)
+            plgpu.barrier_wait(idx_bar)
+
+            def gather(j, slot):
+                for r in range(bk):
+                    row = jnp.maximum(idx_smem[j * bk + r], 0)
+                    plgpu.copy_gmem_to_smem(kv_ref.at[kv_b, pl.ds(row, 1)], stage.at[slot, pl.ds(r, 1)],  # one TMA
+                                            stage_bar.at[slot])
+
+            for i in range(min(NS, nblk)):
+                gather(i, i)
+
+            @pl.loop(0, nblk)
+            def _(j):
+                s_slot = lax.rem(j, NS)
+                t_slot = lax.rem(j, NT)
+                plgpu.barrier_wait(stage_bar.at[s_slot])
+
+                @pl.when(j >= NT)
+                def _():
+                    plgpu.barrier_wait(free_bar.at[t_slot])
+
+                for c in range(d // CW):
+                    src = stage.at[s_slot, :, (c * CW) // RW, pl.ds((c * CW) % RW, CW)]
+                    vals = load(src, copy_layout, optimized=False)
+                    tiled.at[t_slot, :, pl.ds(c * CW, CW)][...] = vals
+                plgpu.commit_smem()
+                plgpu.barrier_arrive(ready_bar.at[t_slot])
+
+                @pl.when(j + NS < nblk)
+                def _():
+                    gather(j + NS, s_slot)
+
+            for j in range(max(nblk - NT, 0), nblk):  # observe the last blocks' releases
+                plgpu.barrier_wait(free_bar.at[j % NT])
+
+    scratch = [
+        plgpu.SMEM((2, M, dh), dtype, transforms=tiled_t),  # Q halves, then the output
+        plgpu.SMEM((NS, bk, d // RW, RW), dtype),  # staging (row gathers)
+        plgpu.SMEM((NT, bk, d), dtype, transforms=tiled_t),  # wgmma operand
+        plgpu.SMEM((2, M, bk + XP), jnp.float32),  # partial-score exchange (rows padded: no bank conflicts)
+        plgpu.SMEM((Kp,), jnp.int32),
+        plgpu.SMEM((2, M), jnp.float32),
+        plgpu.Barrier(num_arrivals=2, num_barriers=2),  # q_bar: Q half + sink
+        plgpu.Barrier(num_arrivals=Kp // IC),  # idx_bar
+        plgpu.Barrier(num_arrivals=bk, num_barriers=NS),  # stage_bar: bk row copies each
+        plgpu.Barrier(num_barriers=NT),  # ready_bar
+        plgpu.Barrier(num_arrivals=2, num_barriers=NT),  # free_bar
+        plgpu.Barrier(num_arrivals=2),  # x_bar
+        plgpu.Barrier(num_arrivals=2),  # xfree_bar
+    ]
+    kwargs = {}
+    if interpret is not None:
+        kwargs["interpret"] = interpret
+    out_type = jax.ShapeDtypeStruct((T, Hp, d), dtype)
+    if debug:
+        out_type = (out_type, jax.ShapeDtypeStruct((T, bk, d), dtype), jax.ShapeDtypeStruct((T, M, bk), jnp.float32))
+    return plgpu.kernel(
+        body,
+        out_type=out_type,
+        scratch_types=scratch,
+        grid=(T // TL, TL, G),
+        grid_names=("th", "tl", "hg"),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        **kwargs,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "bk", "interpret"))
+def sparse_attention_kernel(q, kv, indices, sink, scale: float, bk: int = 32, interpret=None):
+    """Same contract as `sparse_attention_reference`; kv may have batch 1 (shared over B)."""
+    reason = unsupported_reason(q, kv, indices, sink)
+    if reason:
+        raise ValueError(f"sparse_attention kernel: {reason}")
+    B, S, H, d = q.shape
+    Bk, N, _ = kv.shape
+    K = indices.shape[2]
+    Hp = -(-H // HEADS_PER_CTA) * HEADS_PER_CTA
+    Kp = -(-K // bk) * bk
+    T = B * S
+    qf = q.reshape(T, H, d)
+    sinkf = sink.astype(jnp.float32) * LOG2E
+    if Hp != H:
+        qf = jnp.pad(qf, ((0, 0), (0, Hp - H), (0, 0)))
+        sinkf = jnp.pad(sinkf, (0, Hp - H))
+    idx = indices.reshape(T, K).astype(jnp.int32)
+    idx = jnp.minimum(idx, N - 1)  # the reference's gather clamps out-of-range rows too
+    if Kp != K:
+        idx = jnp.pad(idx, ((0, 0), (0, Kp - K)), constant_values=-1)
+    Tp = T if T <= 32768 else -(-T // 1024) * 1024
+    if Tp != T:  # pad the token axis for the grid; the padded queries read row 0 and are dropped
+        qf = jnp.pad(qf, ((0, Tp - T), (0, 0), (0, 0)))
+        idx = jnp.pad(idx, ((0, Tp - T), (0, 0)), constant_values=-1)
+    call = _build(Tp, S, Hp, d, N, Bk, Kp, q.dtype, float(scale), bk, interpret)
+    out = call(qf, kv.reshape(Bk, N, d // min(d, 256), min(d, 256)), idx, sinkf.reshape(Hp // HEADS_PER_CTA, HEADS_PER_CTA))
+    return out[:T, :H].reshape(B, S, H, d)
