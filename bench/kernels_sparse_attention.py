@@ -154,22 +154,27 @@ def benchmark() -> list[dict]:
               f"err {rec['rel_l2_vs_ref']:.1e}", flush=True)
         return rec
 
+    def save():  # after every record, so a run cut short by a time limit still leaves its figures
+        return write_results(f"kernels-sparse_attention-{device_slug()}",
+                             {"H": H, "d": D, "window": WINDOW, "topk": TOPK, "dtype": "bfloat16", "block_rows": 32},
+                             records, {"ceilings": ceilings})
+
+    save()
     only = os.environ.get("SPARSE_ATTN_BENCH", "prefill,decode")
     if "prefill" in only:
         for S in (4096, 16384, 65536):
             q, kv, idx, sink = prefill_inputs(S, jax.random.fold_in(key, S))
             records.append(run("prefill", f"S={S}", q, kv, idx, sink, ref_fits=S <= 16384, iters=10))
+            save()
             del q, kv, idx, sink
     if "decode" in only:
         for ctx in (4096, 131072):
             for B in (1, 8, 32, 128):
                 q, kv, idx, sink = decode_inputs(B, ctx, jax.random.fold_in(key, B * 7 + ctx))
                 records.append(run("decode", f"B={B} ctx={ctx}", q, kv, idx, sink, ref_fits=True, iters=20))
+                save()
                 del q, kv, idx, sink
-    path = write_results(f"kernels-sparse_attention-{device_slug()}",
-                         {"H": H, "d": D, "window": WINDOW, "topk": TOPK, "dtype": "bfloat16", "block_rows": 32},
-                         records, {"ceilings": ceilings})
-    print("wrote", path)
+    print("wrote", save())
     return records
 
 

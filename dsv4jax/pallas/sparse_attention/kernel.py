@@ -32,6 +32,9 @@ LOG2E = math.log2(math.e)
 # dispatch keeps the reference until this is True. See NOTES.md.
 VERIFIED_ON_GPU = False
 OUT_VIA_SMEM = True  # False (store from registers) was tried: same wrong output on the H100
+import os as _os
+TILED_CHUNKED = _os.environ.get("DSV4JAX_SA_CHUNKED", "1") == "1"  # tiled KV buffer as (d/CW, bk, CW) chunks
+STAGE_CONTIG = _os.environ.get("DSV4JAX_SA_CONTIG", "0") == "1"  # staging as (d/CW, bk, CW): d/CW TMAs per row
 HEADS_PER_CTA = 64  # wgmma M of one warpgroup
 
 
@@ -64,7 +67,9 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False):
     XP = 0 if debug else 8  # exchange row padding (the debug dump needs a contiguous tile)
     TL = T if T <= 32768 else 1024  # CUDA grid y/z dimensions stop at 65535: tokens as (T/TL, TL)
     assert T % TL == 0
-    RW = min(d, 256)  # a TMA box has at most 256 elements per dimension: rows travel as [d/RW, RW]
+    RW = CW if STAGE_CONTIG else min(d, 256)  # a TMA box has at most 256 elements per dimension
+    NCH = d // CW  # column chunks of the tiled buffer
+    HCH = NCH // 2  # chunks per half
     IC = next(c for c in (256, 128, 64, 32) if Kp % c == 0)  # index chunk per TMA
     qk_scale = scale * LOG2E
     itemsize = jnp.dtype(dtype).itemsize
@@ -113,16 +118,25 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False):
                 acc, m_i, l_i = carry
                 slot = lax.rem(j, NT)
                 plgpu.barrier_wait(ready_bar.at[slot])
-                kv_half = tiled.at[slot, :, pl.ds(h * dh, dh)]
+                kv_half = None if TILED_CHUNKED else tiled.at[slot, :, pl.ds(h * dh, dh)]
 
                 def qk(acc_ref):
-                    plgpu.wgmma(acc_ref, q_smem.at[h], plgpu.transpose_ref(kv_half, (1, 0)))
+                    if TILED_CHUNKED:
+                        for c in range(HCH):
+                            plgpu.wgmma(acc_ref, q_smem.at[h, :, pl.ds(c * CW, CW)],
+                                        plgpu.transpose_ref(tiled.at[slot, h * HCH + c], (1, 0)))
+                    else:
+                        plgpu.wgmma(acc_ref, q_smem.at[h], plgpu.transpose_ref(kv_half, (1, 0)))
                     return acc_ref[...]
 
                 if interpret is None:
                     s_own = pl.run_scoped(qk, plgpu.ACC((M, bk), jnp.float32))
                 else:  # the interpreter's wgmma ignores transposed operands: same product as a plain dot
-                    s_own = lax.dot_general(q_smem.at[h][...], kv_half[...], (((1,), (1,)), ((), ())),
+                    if TILED_CHUNKED:
+                        kv_half = tiled.at[slot, pl.ds(h * HCH, HCH)][...].transpose(1, 0, 2).reshape(bk, dh)
+                    else:
+                        kv_half = kv_half[...]
+                    s_own = lax.dot_general(q_smem.at[h][...], kv_half, (((1,), (1,)), ((), ())),
                                             preferred_element_type=jnp.float32)
 
                 @pl.when(j > 0)
@@ -155,11 +169,15 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False):
 
                 if interpret is None:
                     def pv(acc_ref):
-                        plgpu.wgmma(acc_ref, p16, kv_half)
+                        if TILED_CHUNKED:
+                            for c in range(HCH):
+                                plgpu.wgmma(acc_ref.at[:, pl.ds(c * CW, CW)], p16, tiled.at[slot, h * HCH + c])
+                        else:
+                            plgpu.wgmma(acc_ref, p16, kv_half)
 
                     acc = pl.run_state(pv)(plgpu.ACC.init(acc))
                 else:  # the interpreter has no run_state and no wgmma with A in registers: a plain dot
-                    acc = acc + jnp.dot(p16, kv_half[...], preferred_element_type=jnp.float32)
+                    acc = acc + jnp.dot(p16, kv_half, preferred_element_type=jnp.float32)
                 plgpu.barrier_arrive(free_bar.at[slot])
                 return acc, m_new, l_i
 
@@ -185,8 +203,13 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False):
             def gather(j, slot):
                 for r in range(bk):
                     row = jnp.maximum(idx_smem[j * bk + r], 0)
-                    plgpu.copy_gmem_to_smem(kv_ref.at[kv_b, pl.ds(row, 1)], stage.at[slot, pl.ds(r, 1)],  # one TMA
-                                            stage_bar.at[slot])
+                    if STAGE_CONTIG:  # d/CW TMAs per row, into chunk-major staging
+                        for k in range(d // RW):
+                            plgpu.copy_gmem_to_smem(kv_ref.at[kv_b, pl.ds(row, 1), k], stage.at[slot, k, pl.ds(r, 1)],
+                                                    stage_bar.at[slot])
+                    else:
+                        plgpu.copy_gmem_to_smem(kv_ref.at[kv_b, pl.ds(row, 1)], stage.at[slot, pl.ds(r, 1)],  # one TMA
+                                                stage_bar.at[slot])
 
             for i in range(min(NS, nblk)):
                 gather(i, i)
@@ -202,9 +225,15 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False):
                     plgpu.barrier_wait(free_bar.at[t_slot])
 
                 for c in range(d // CW):
-                    src = stage.at[s_slot, :, (c * CW) // RW, pl.ds((c * CW) % RW, CW)]
+                    if STAGE_CONTIG:
+                        src = stage.at[s_slot, c]
+                    else:
+                        src = stage.at[s_slot, :, (c * CW) // RW, pl.ds((c * CW) % RW, CW)]
                     vals = load(src, copy_layout, optimized=False)
-                    tiled.at[t_slot, :, pl.ds(c * CW, CW)][...] = vals
+                    if TILED_CHUNKED:
+                        tiled.at[t_slot, c][...] = vals
+                    else:
+                        tiled.at[t_slot, :, pl.ds(c * CW, CW)][...] = vals
                 plgpu.commit_smem()
                 plgpu.barrier_arrive(ready_bar.at[t_slot])
 
@@ -217,14 +246,14 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False):
 
     scratch = [
         plgpu.SMEM((2, M, dh), dtype, transforms=tiled_t),  # Q halves, then the output
-        plgpu.SMEM((NS, bk, d // RW, RW), dtype),  # staging (row gathers)
-        plgpu.SMEM((NT, bk, d), dtype, transforms=tiled_t),  # wgmma operand
+        plgpu.SMEM((NS, d // RW, bk, RW) if STAGE_CONTIG else (NS, bk, d // RW, RW), dtype),  # staging (row gathers)
+        plgpu.SMEM((NT, NCH, bk, CW) if TILED_CHUNKED else (NT, bk, d), dtype, transforms=tiled_t),  # wgmma operand
         plgpu.SMEM((2, M, bk + XP), jnp.float32),  # partial-score exchange (rows padded: no bank conflicts)
         plgpu.SMEM((Kp,), jnp.int32),
         plgpu.SMEM((2, M), jnp.float32),
         plgpu.Barrier(num_arrivals=2, num_barriers=2),  # q_bar: Q half + sink
         plgpu.Barrier(num_arrivals=Kp // IC),  # idx_bar
-        plgpu.Barrier(num_arrivals=bk, num_barriers=NS),  # stage_bar: bk row copies each
+        plgpu.Barrier(num_arrivals=bk * (d // RW if STAGE_CONTIG else 1), num_barriers=NS),  # stage_bar: row copies
         plgpu.Barrier(num_barriers=NT),  # ready_bar
         plgpu.Barrier(num_arrivals=2, num_barriers=NT),  # free_bar
         plgpu.Barrier(num_arrivals=2),  # x_bar
@@ -275,5 +304,6 @@ def sparse_attention_kernel(q, kv, indices, sink, scale: float, bk: int = 32, in
         qf = jnp.pad(qf, ((0, Tp - T), (0, 0), (0, 0)))
         idx = jnp.pad(idx, ((0, Tp - T), (0, 0)), constant_values=-1)
     call = _build(Tp, S, Hp, d, N, Bk, Kp, q.dtype, float(scale), bk, interpret)
-    out = call(qf, kv.reshape(Bk, N, d // min(d, 256), min(d, 256)), idx, sinkf.reshape(Hp // HEADS_PER_CTA, HEADS_PER_CTA))
+    rw = 64 if STAGE_CONTIG else min(d, 256)
+    out = call(qf, kv.reshape(Bk, N, d // rw, rw), idx, sinkf.reshape(Hp // HEADS_PER_CTA, HEADS_PER_CTA))
     return out[:T, :H].reshape(B, S, H, d)
