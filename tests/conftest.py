@@ -8,3 +8,12 @@ sys.path.insert(0, os.path.dirname(__file__))
 # several seconds per compiled shape (numerics move by ~1e-6, far inside every tolerance here).
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+
+# Eight fake CPU devices for the sharding tests (tests/test_sharding*.py); set before JAX initialises.
+# Single-device code keeps running on device 0.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+# XLA:CPU sizes its thread pool from NPROC; with the 2 cores here the Mosaic GPU interpreter's warpgroup threads
+# can starve each other and hang. It must be set before JAX starts, hence here.
+os.environ.setdefault("NPROC", "8")

@@ -156,10 +156,12 @@ def _has_mtp_tensors(directory: Path) -> bool:
     return any(n.startswith("mtp.") for n in read_index(directory))
 
 
-def load_model(path: str | os.PathLike, dtype: str | None = None, progress: bool = True, **overrides):
-    """Build a `DeepseekV4` from a checkpoint directory (config.json + safetensors, official or HF naming).
+def read_host_params(path: str | os.PathLike, dtype: str | None = None, progress: bool = True, **overrides):
+    """(config, graphdef, state of host numpy arrays) from a checkpoint directory; nothing is put on a device.
 
-    A checkpoint without any `mtp.*` tensors (HF-saved ones: HF has no MTP module) loads without the MTP module.
+    `load_model` places them on the default device; `dsv4jax.sharding.params.load_sharded` sends each device
+    only its shards. A checkpoint without any `mtp.*` tensors (HF-saved ones: HF has no MTP module) loads
+    without the MTP module.
     """
     from dsv4jax.model import DeepseekV4  # noqa: F401  (registers the module classes)
 
@@ -173,6 +175,14 @@ def load_model(path: str | os.PathLike, dtype: str | None = None, progress: bool
     graphdef, state = _abstract_params(config)
     targets = _flat_targets(state)
     values = read_checkpoint(directory, config, targets, progress)
-    flat = [(path, var.replace(jnp.asarray(values[".".join(str(k) for k in path)])))
-            for path, var in nnx.to_flat_state(state)]
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+    flat = [(path, var.replace(values[".".join(str(k) for k in path)])) for path, var in nnx.to_flat_state(state)]
+    return config, graphdef, nnx.from_flat_state(flat)
+
+
+def load_model(path: str | os.PathLike, dtype: str | None = None, progress: bool = True, **overrides):
+    """Build a `DeepseekV4` from a checkpoint directory (config.json + safetensors, official or HF naming).
+
+    A checkpoint without any `mtp.*` tensors (HF-saved ones: HF has no MTP module) loads without the MTP module.
+    """
+    _, graphdef, host = read_host_params(path, dtype, progress, **overrides)
+    return nnx.merge(graphdef, jax.tree.map(jnp.asarray, host))

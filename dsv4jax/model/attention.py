@@ -9,6 +9,7 @@ from dsv4jax.config import ModelConfig
 from dsv4jax.model.compressor import Compressor, _batch_scatter, simulate_quantization
 from dsv4jax.model.indexer import Indexer
 from dsv4jax.model.init import normal
+from dsv4jax.model.layout import IDENTITY, TokenLayout
 from dsv4jax.model.linear import Linear
 from dsv4jax.model.norm import RMSNorm, rms_normalize
 from dsv4jax.model.rope import apply_rope, rope_frequencies
@@ -41,32 +42,42 @@ class Attention(nnx.Module):
                                       self.kv_quantization) if self.ratio else None)
         self.indexer = Indexer(c, dtype, rngs) if self.ratio == 4 else None
 
-    def __call__(self, x: jax.Array, start: jax.Array, num_new: jax.Array, state: LayerState):
-        """x [B,S,D] (after attn_norm) at positions start + 0..S−1, num_new [B] real tokens -> (out, state)."""
-        batch, chunk = x.shape[:2]
+    def __call__(self, x: jax.Array, start: jax.Array, num_new: jax.Array, state: LayerState,
+                 layout: TokenLayout = IDENTITY):
+        """x [B,S,D] (after attn_norm) at positions start + 0..S−1, num_new [B] real tokens -> (out, state).
+
+        Under context parallelism x holds only the local tokens (`layout.positions`); the per-token K=V and
+        compressor inputs are gathered to the whole chunk, so every rank builds the complete caches and
+        attends with its local queries only (PARALLELISM §1.1).
+        """
+        batch, local = x.shape[:2]
+        chunk = layout.chunk_length(local)
         window, freqs = self.window, rope_frequencies(self.config, self.ratio)
-        positions = start[:, None] + jnp.arange(chunk)
+        positions = layout.positions(start, local)  # of the local queries
+        chunk_positions = start[:, None] + jnp.arange(chunk)
 
         q_latent = self.q_norm(self.wq_a(x))
-        q = self.wq_b(q_latent).reshape(batch, chunk, self.num_heads, self.head_dim)
+        q = self.wq_b(q_latent).reshape(batch, local, self.num_heads, self.head_dim)
         q = rms_normalize(q, self.eps).astype(x.dtype)  # §5: per-head, unweighted
         q = apply_rope(q, positions[..., None], freqs)
         kv = apply_rope(self.kv_norm(self.wkv(x)), positions, freqs)
-        kv = simulate_quantization(kv, self.kv_quantization, self.rope_dim)
+        kv = layout.gather_chunk(simulate_quantization(kv, self.kv_quantization, self.rope_dim))
 
         # Candidate rows live in one buffer: [window ring | this chunk | compressed rows].
         buffers = [state.window, kv]
         indices = [self._window_indices(positions, start, chunk)]
         compressor, indexer = state.compressor, state.indexer
         if self.ratio:
-            compressor = self.compressor(x, compressor, start, num_new, freqs)
+            projections = layout.gather_chunk(self.compressor.project(x, positions))
+            compressor = self.compressor.absorb(projections, compressor, start, num_new, freqs)
             offset = window + chunk
             num_rows = compressor.rows.shape[1]
             if self.ratio == 4:
-                indexer = self.indexer.compressor(x, indexer, start, num_new, freqs)
+                index_projections = layout.gather_chunk(self.indexer.compressor.project(x, positions))
+                indexer = self.indexer.compressor.absorb(index_projections, indexer, start, num_new, freqs)
                 rows = self.indexer(x, q_latent, positions, indexer.rows, freqs)
             else:  # HCA attends every visible row (§8.3)
-                rows = jnp.broadcast_to(jnp.arange(num_rows), (batch, chunk, num_rows))
+                rows = jnp.broadcast_to(jnp.arange(num_rows), (batch, local, num_rows))
                 rows = jnp.where(rows < ((positions + 1) // self.ratio)[..., None], rows, -1)
             buffers.append(compressor.rows)
             indices.append(jnp.where(rows >= 0, rows + offset, -1))
@@ -77,8 +88,8 @@ class Attention(nnx.Module):
         out = self._grouped_output(out)
 
         end = (start + num_new)[:, None]
-        keep = (positions < end) & (positions >= end - window)
-        new_window = _batch_scatter(state.window, jnp.where(keep, positions % window, window), kv)
+        keep = (chunk_positions < end) & (chunk_positions >= end - window)
+        new_window = _batch_scatter(state.window, jnp.where(keep, chunk_positions % window, window), kv)
         return out, LayerState(window=new_window, compressor=compressor, indexer=indexer)
 
     def _window_indices(self, positions, start, chunk):

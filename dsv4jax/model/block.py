@@ -6,6 +6,7 @@ from flax import nnx
 
 from dsv4jax.config import ModelConfig
 from dsv4jax.model.attention import Attention
+from dsv4jax.model.layout import IDENTITY, TokenLayout
 from dsv4jax.model.mhc import HyperConnection
 from dsv4jax.model.moe import MoE
 from dsv4jax.model.norm import RMSNorm
@@ -29,11 +30,11 @@ class Block(nnx.Module):
         self.ffn = MoE(c, layer, dtype, rngs)
 
     def __call__(self, streams: jax.Array, ids: jax.Array, start: jax.Array, num_new: jax.Array,
-                 state: LayerState) -> tuple[jax.Array, LayerState]:
-        """streams [B,S,n,D] -> (streams, state)."""
+                 state: LayerState, layout: TokenLayout = IDENTITY) -> tuple[jax.Array, LayerState]:
+        """streams [B,S,n,D] -> (streams, state); under context parallelism S is the local token count."""
         x, post, comb = self.hc_attn.pre(streams, self.dtype)
-        x, state = self.attn(self.attn_norm(x), start, num_new, state)
+        x, state = self.attn(self.attn_norm(x), start, num_new, state, layout)
         streams = HyperConnection.post(x, streams, post, comb)
         x, post, comb = self.hc_ffn.pre(streams, self.dtype)
-        x = self.ffn(self.ffn_norm(x), ids)
+        x = layout.moe(self.ffn, self.ffn_norm(x), ids)
         return HyperConnection.post(x, streams, post, comb), state

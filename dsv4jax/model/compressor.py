@@ -62,12 +62,26 @@ class Compressor(nnx.Module):
 
         Emits every row whose window completes inside the chunk and returns the updated state.
         """
+        positions = start[:, None] + jnp.arange(x.shape[1])
+        return self.absorb(self.project(x, positions), state, start, num_new, frequencies)
+
+    def project(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        """The per-token compressor input: [kv ‖ gate + ape] [B, S, 2·coff·d_c] fp32 of tokens at `positions`.
+
+        Per token, so context parallelism computes it for the local tokens and gathers it (PARALLELISM §1.1).
+        """
+        kv = matmul_fp32(x, self.wkv[...])
+        gate = matmul_fp32(x, self.wgate[...]) + self.ape[...][positions % self.ratio]
+        return jnp.concatenate([kv, gate], axis=-1)
+
+    def absorb(self, projections: jax.Array, state: CompressorState, start: jax.Array, num_new: jax.Array,
+               frequencies) -> CompressorState:
+        """Pool the projections [B, S, 2·coff·d_c] of a whole chunk at positions start + 0..S−1 into the state."""
         m, dim = self.ratio, self.dim
-        batch, chunk = x.shape[:2]
+        batch, chunk = projections.shape[:2]
         ring = state.kv.shape[1]  # coff·m
         positions = start[:, None] + jnp.arange(chunk)
-        kv = matmul_fp32(x, self.wkv[...])
-        gate = matmul_fp32(x, self.wgate[...]) + self.ape[...][positions % m]
+        kv, gate = jnp.split(projections, 2, axis=-1)
 
         # Candidate rows: every row whose last position may fall inside this chunk.
         num_candidates = -(-chunk // m)

@@ -24,18 +24,19 @@ class Gate(nnx.Module):
         self.top_k, self.route_scale = c.num_experts_per_tok, c.routed_scaling_factor
         self.hash_routing = c.is_hash_layer(layer) and layer < c.num_hidden_layers
         self.weight = nnx.Param(fan_in_normal(rngs, (c.n_routed_experts, c.hidden_size), dtype),
-                                axes=("expert", "embed"))
+                                axes=("router", "embed"))
         if self.hash_routing:
             # Distinct experts per token (§9 last note); a random permutation's first k entries.
             generator = host_generator(rngs)
-            if generator is None:  # tracing: only the shape matters
-                table = np.zeros((c.vocab_size, c.num_experts_per_tok), np.int32)
+            if generator is None:  # under jit: draw on the device
+                noise = jax.random.uniform(rngs.params(), (c.vocab_size, c.n_routed_experts))
+                table = jnp.argsort(noise, axis=-1)[:, :c.num_experts_per_tok]
             else:
                 table = np.argsort(generator.random((c.vocab_size, c.n_routed_experts)), axis=-1)
                 table = table[:, :c.num_experts_per_tok]
             self.tid2eid = Buffer(jnp.asarray(table, jnp.int32), axes=("vocab", None))
         else:
-            self.bias = nnx.Param(normal(rngs, (c.n_routed_experts,), 0.1, jnp.float32), axes=("expert",))
+            self.bias = nnx.Param(normal(rngs, (c.n_routed_experts,), 0.1, jnp.float32), axes=("router",))
 
     def __call__(self, x: jax.Array, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x [T, D], ids [T] -> (experts [T, k] int32, weights [T, k] fp32)."""

@@ -7,6 +7,7 @@ from flax import nnx
 
 from dsv4jax.config import ModelConfig
 from dsv4jax.model.block import Block
+from dsv4jax.model.layout import IDENTITY, TokenLayout
 from dsv4jax.model.linear import Embedding, Linear
 from dsv4jax.model.mhc import HyperConnectionHead
 from dsv4jax.model.norm import RMSNorm
@@ -31,11 +32,14 @@ class MTPBlock(Block):
         self.hc_head = HyperConnectionHead(c.hc_mult, c.hidden_size, c.hc_eps, c.rms_norm_eps, rngs)
 
     def __call__(self, main_streams: jax.Array, next_ids: jax.Array, embed: Embedding, state: DecodeState,
-                 num_new: jax.Array):
+                 num_new: jax.Array, layout: TokenLayout = IDENTITY):
+        """Under context parallelism main_streams/next_ids are the local tokens; the streams come back whole
+        (PARALLELISM §5: the draft model's prefill is split and gathered like the target's)."""
         start = state.lengths
         e = self.e_proj(self.enorm(embed(next_ids)))
         h = self.h_proj(self.hnorm(main_streams.astype(self.dtype)))  # per stream
         streams = e[:, :, None, :] + h
-        streams, layer_state = super().__call__(streams, next_ids, start, num_new, state.layers[0])
+        streams, layer_state = super().__call__(streams, next_ids, start, num_new, state.layers[0], layout)
+        streams = layout.gather_chunk(streams)
         hidden = self.norm(self.hc_head(streams, self.dtype))
         return hidden, streams, DecodeState(lengths=start + num_new, layers=(layer_state,))

@@ -7,6 +7,7 @@ from flax import nnx
 from dsv4jax.config import ModelConfig
 from dsv4jax.model.block import Block
 from dsv4jax.model.init import normal
+from dsv4jax.model.layout import IDENTITY, TokenLayout
 from dsv4jax.model.linear import Embedding, matmul_fp32
 from dsv4jax.model.mhc import HyperConnectionHead
 from dsv4jax.model.mtp import MTPBlock
@@ -27,22 +28,26 @@ class DeepseekV4(nnx.Module):
                               axes=("vocab", "embed"))
         self.mtp = nnx.List([MTPBlock(c, c.mtp_layer, rngs) for _ in range(c.num_mtp_layers)])
 
-    def __call__(self, ids: jax.Array, state: DecodeState, num_new: jax.Array | None = None):
+    def __call__(self, ids: jax.Array, state: DecodeState, num_new: jax.Array | None = None,
+                 layout: TokenLayout = IDENTITY):
         """Run a chunk of tokens ids [B,S] at positions state.lengths + 0..S−1 (num_new [B] of them real).
 
         Returns (hidden [B,S,D] after the final norm, streams [B,S,n,D] before the hyper-connection head —
-        what the MTP module consumes, §12.1 — and the updated state).
+        what the MTP module consumes, §12.1 — and the updated state). Under context parallelism `ids` are the
+        local tokens (`layout`); the streams are gathered back to the whole chunk after the last block.
         """
-        batch, chunk = ids.shape
+        batch, local = ids.shape
+        chunk = layout.chunk_length(local)
         if num_new is None:
             num_new = jnp.full((batch,), chunk, jnp.int32)
         start = state.lengths
         x = self.embed(ids)
-        streams = jnp.broadcast_to(x[:, :, None, :], (batch, chunk, self.config.hc_mult, x.shape[-1]))
+        streams = jnp.broadcast_to(x[:, :, None, :], (batch, local, self.config.hc_mult, x.shape[-1]))
         layer_states = []
         for block, layer_state in zip(self.layers, state.layers):
-            streams, layer_state = block(streams, ids, start, num_new, layer_state)
+            streams, layer_state = block(streams, ids, start, num_new, layer_state, layout)
             layer_states.append(layer_state)
+        streams = layout.gather_chunk(streams)
         hidden = self.norm(self.hc_head(streams, x.dtype))
         return hidden, streams, DecodeState(lengths=start + num_new, layers=tuple(layer_states))
 
@@ -51,12 +56,12 @@ class DeepseekV4(nnx.Module):
         return matmul_fp32(hidden, self.head[...])
 
     def mtp_forward(self, streams: jax.Array, next_ids: jax.Array, state: DecodeState,
-                    num_new: jax.Array | None = None):
+                    num_new: jax.Array | None = None, layout: TokenLayout = IDENTITY):
         """The MTP module on main-model streams [B,S,n,D] paired with the next tokens [B,S] (§12.1).
 
         Returns (hidden after the MTP norm, MTP streams, MTP state); `logits(hidden)` predicts token t+2.
         """
-        batch, chunk = next_ids.shape
+        batch, local = next_ids.shape
         if num_new is None:
-            num_new = jnp.full((batch,), chunk, jnp.int32)
-        return self.mtp[0](streams, next_ids, self.embed, state, num_new)
+            num_new = jnp.full((batch,), layout.chunk_length(local), jnp.int32)
+        return self.mtp[0](streams, next_ids, self.embed, state, num_new, layout)

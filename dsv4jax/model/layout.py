@@ -1,0 +1,36 @@
+"""Where the tokens of one call sit: the hook through which context parallelism enters the model.
+
+The model always computes *local* queries, but the K=V rows, the compressor inputs and the window/compressor
+state are per whole chunk. A `TokenLayout` says which positions the local tokens have and how to bring
+per-token values of the local tokens back to the whole chunk in token order. The default layout is the
+identity: every call holds its whole chunk in order, so single-device code is unchanged. The
+context-parallel and mesh-aware layouts live in `dsv4jax/sharding/` (collectives only there).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+class TokenLayout:
+    """Identity layout: local tokens = the whole chunk, in token order; the MoE runs on them directly."""
+
+    def chunk_length(self, local_length: int) -> int:
+        """Tokens in the whole chunk, given the local token count."""
+        return local_length
+
+    def positions(self, start: jax.Array, local_length: int) -> jax.Array:
+        """Absolute positions [B, S_local] of the local tokens of a chunk starting at `start` [B]."""
+        return start[:, None] + jnp.arange(local_length)
+
+    def gather_chunk(self, x: jax.Array) -> jax.Array:
+        """Per-token values of the local tokens [B, S_local, ...] -> the whole chunk [B, S, ...] in token order."""
+        return x
+
+    def moe(self, moe, x: jax.Array, ids: jax.Array) -> jax.Array:
+        """The MoE sub-layer on the local tokens x [B, S_local, D] with their token ids (hash routing)."""
+        return moe(x, ids)
+
+
+IDENTITY = TokenLayout()
