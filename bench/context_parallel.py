@@ -55,14 +55,14 @@ def time_to_first_token(runner, params, config, mesh, device_mesh, length: int, 
         return logits
 
     start = time.perf_counter()
-    jax.block_until_ready(prefill())  # compiles the chunk shape
+    logits = jax.block_until_ready(prefill())  # compiles the chunk shape
     first = time.perf_counter() - start
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         jax.block_until_ready(prefill())
         times.append(time.perf_counter() - start)
-    return statistics.median(times), first
+    return statistics.median(times), first, np.asarray(logits, np.float32)
 
 
 def main() -> None:
@@ -72,7 +72,8 @@ def main() -> None:
     parser.add_argument("--cp-mode", default="round_robin", choices=["round_robin", "zigzag"])
     parser.add_argument("--chunk", type=int, default=8192, help="tokens per CP-split prefill chunk")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--implementation", default="pallas", choices=["pallas", "reference"])
+    parser.add_argument("--implementation", default="auto", choices=["auto", "pallas", "reference"],
+                        help="kernels: auto = those verified on the GPU")
     parser.add_argument("--config", default=CONFIG)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--no-write", action="store_true", help="print only (smoke runs)")
@@ -80,6 +81,7 @@ def main() -> None:
 
     config = load_config(args.config, dtype=args.dtype)
     records = []
+    first_logits = {}  # tokens -> logits of the first cp size run, to check the others against
     for cp in args.cp:
         if cp > jax.device_count():
             records.append({"cp": cp, "skipped": f"needs {cp} devices, {jax.device_count()} present"})
@@ -93,9 +95,15 @@ def main() -> None:
                       "implementation": args.implementation}
             try:
                 with pallas.use(args.implementation):
-                    ttft, first = time_to_first_token(runner, params, config, mesh, device_mesh, length, args.chunk,
-                                                      args.repeats)
+                    ttft, first, logits = time_to_first_token(runner, params, config, mesh, device_mesh, length,
+                                                              args.chunk, args.repeats)
                 record.update(ttft_s=ttft, tokens_per_s=length / ttft, first_call_s=first)
+                if length in first_logits:  # same weights (same seed), same prompt: the logits must agree
+                    base_cp, base = first_logits[length]
+                    record[f"logits_rel_l2_vs_cp{base_cp}"] = float(np.linalg.norm(logits - base) /
+                                                                    np.linalg.norm(base))
+                else:
+                    first_logits[length] = (cp, logits)
             except Exception as error:  # noqa: BLE001  (recorded: e.g. out of memory at 128k)
                 record["error"] = f"{type(error).__name__}: {str(error)[:300]}"
             print(record, flush=True)
