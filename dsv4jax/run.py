@@ -16,7 +16,7 @@ from flax import nnx
 from dsv4jax.model.state import DecodeState
 
 
-def _last_real(values: jax.Array, num_new: jax.Array) -> jax.Array:
+def last_real(values: jax.Array, num_new: jax.Array) -> jax.Array:
     """values [B,S,...] -> values[b, num_new[b]−1]."""
     index = jnp.maximum(num_new - 1, 0)
     return jax.vmap(lambda v, i: v[i])(values, index)
@@ -35,7 +35,7 @@ def prefill(graphdef: nnx.GraphDef, params: nnx.State, state: DecodeState, ids: 
     """A (possibly continued) prefill chunk: logits of each row's last real token [B,V], streams, state."""
     model = nnx.merge(graphdef, params)
     hidden, streams, state = model(ids, state, num_new)
-    return model.logits(_last_real(hidden, num_new)), streams, state
+    return model.logits(last_real(hidden, num_new)), streams, state
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))

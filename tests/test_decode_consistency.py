@@ -11,15 +11,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dsv4jax.config import ModelConfig, YarnScaling
+from dsv4jax.config import load_config
 from dsv4jax.model import DeepseekV4, init_state
 
-CFG = ModelConfig(
-    vocab_size=256, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, head_dim=96, rope_head_dim=32,
-    q_lora_rank=32, o_groups=2, o_lora_rank=16, sliding_window=16, compress_ratios=(0, 4, 128, 4, 0),
-    index_n_heads=16, index_head_dim=32, index_topk=4, n_routed_experts=8, num_experts_per_tok=2,
-    moe_intermediate_size=32, num_hash_layers=1, hc_mult=4, yarn=YarnScaling(4.0, 32, 32, 1), dtype="float32",
-    max_position_embeddings=4096, expert_dtype=None, weight_block_size=None)
+CFG = load_config("configs/test-tiny.json", dtype="float32")  # ratios (0, 4, 128, 4) + MTP, 16 indexer heads
 MAX_LEN = 320  # one state shape everywhere: each (batch, chunk) pair compiles once
 TOL = 1e-5
 # LLVM optimisation off for these jits only: compiles ~3x faster on CPU; every compared path uses the same options.

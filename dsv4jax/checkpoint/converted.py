@@ -23,7 +23,7 @@ def save_converted(model: nnx.Module, directory: str | os.PathLike) -> None:
     raw = dict(config.to_json_dict(), **{k: getattr(config, k) for k in _NUMERICS})
     (directory / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(directory / "params", nnx.state(model), force=True)
+        checkpointer.save(directory / "params", nnx.state(model, nnx.Not(nnx.Intermediate)), force=True)
 
 
 def restore_converted(directory: str | os.PathLike) -> nnx.Module:

@@ -28,7 +28,7 @@ FP32_TENSOR = re.compile(r"(hc_(attn|ffn|head)_(fn|base|scale)|attn_sink|\.ape|g
 
 def official_tensors(model: nnx.Module, quantize: bool) -> dict[str, np.ndarray]:
     tensors: dict[str, np.ndarray] = {}
-    for path, var in nnx.to_flat_state(nnx.state(model)):
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Not(nnx.Intermediate))):
         key = ".".join(str(k) for k in path)
         value = np.asarray(var.get_value())
         for name, expert in official_names(key, value.shape[0] if value.ndim else 0):

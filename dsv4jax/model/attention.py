@@ -9,6 +9,7 @@ from dsv4jax.config import ModelConfig
 from dsv4jax.model.compressor import Compressor, _batch_scatter, simulate_quantization
 from dsv4jax.model.indexer import Indexer
 from dsv4jax.model.init import normal
+from dsv4jax.model.inspection import record
 from dsv4jax.model.layout import IDENTITY, TokenLayout
 from dsv4jax.model.linear import Linear
 from dsv4jax.model.norm import RMSNorm, rms_normalize
@@ -76,6 +77,7 @@ class Attention(nnx.Module):
                 index_projections = layout.gather_chunk(self.indexer.compressor.project(x, positions))
                 indexer = self.indexer.compressor.absorb(index_projections, indexer, start, num_new, freqs)
                 rows = self.indexer(x, q_latent, positions, indexer.rows, freqs)
+                record(self, "indexer_rows", rows)
             else:  # HCA attends every visible row (§8.3)
                 rows = jnp.broadcast_to(jnp.arange(num_rows), (batch, local, num_rows))
                 rows = jnp.where(rows < ((positions + 1) // self.ratio)[..., None], rows, -1)

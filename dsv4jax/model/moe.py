@@ -8,6 +8,7 @@ from flax import nnx
 
 from dsv4jax.config import ModelConfig
 from dsv4jax.model.init import fan_in_normal, host_generator, normal
+from dsv4jax.model.inspection import record
 from dsv4jax.model.linear import Linear, matmul_fp32
 from dsv4jax.pallas.moe_gmm import clamped_swiglu, routed_experts
 
@@ -91,6 +92,7 @@ class MoE(nnx.Module):
         """x [B,S,D] (after ffn_norm), ids [B,S] token ids (hash routing) -> [B,S,D] in x.dtype."""
         flat = x.reshape(-1, x.shape[-1])
         experts, weights = self.gate(flat, ids.reshape(-1))
+        record(self, "routed_experts", experts.reshape(*x.shape[:-1], -1))
         out = self.experts(flat, experts, weights)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat).astype(jnp.float32)

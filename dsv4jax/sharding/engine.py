@@ -16,16 +16,13 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from dsv4jax.run import last_real
 from dsv4jax.sharding.layout import ShardedLayout
 from dsv4jax.sharding.mesh import MeshConfig
 from dsv4jax.sharding.rules import param_specs, state_specs
 
 TOKENS = P("dp", "cp")  # [batch over dp, prefill tokens over cp]
 BATCH = P("dp")
-
-
-def _last_real(values: jax.Array, num_new: jax.Array) -> jax.Array:
-    return jax.vmap(lambda v, i: v[i])(values, jnp.maximum(num_new - 1, 0))
 
 
 class ShardedRunner:
@@ -64,7 +61,7 @@ class ShardedRunner:
             model = nnx.merge(graphdef, params)
             hidden, streams, state = model(ids, state, num_new, layout)
             if last_only:
-                hidden = _last_real(hidden, num_new)
+                hidden = last_real(hidden, num_new)
             return model.logits(hidden), streams, state
 
         def run(params, state, ids, num_new):
