@@ -70,7 +70,7 @@ def main() -> None:
         state = init_state(config, 1, length + args.decode_steps + 64)
         logits = {}
         for implementation in implementations:
-            forward = jitted(lambda p, s, i, n: run.forward.__wrapped__(graphdef, p, s, i, n)[0], implementation)
+            forward = jitted(lambda p, s, i, n: run.forward_fn(graphdef, p, s, i, n)[0], implementation)
             try:
                 logits[implementation] = np.asarray(forward(params, state, ids, num_new), np.float32)
                 seconds = median_seconds(forward, params, state, ids, num_new, warmup=1, iters=5)
@@ -96,8 +96,8 @@ def main() -> None:
     prompt = 1024
     ids = jax.random.randint(jax.random.key(7), (1, prompt), 0, config.vocab_size)
     for implementation in implementations:
-        prefill = jitted(lambda p, s, i, n: run.prefill.__wrapped__(graphdef, p, s, i, n), implementation)
-        decode = jitted(lambda p, s, t, a: run.decode.__wrapped__(graphdef, p, s, t, a), implementation)
+        prefill = jitted(lambda p, s, i, n: run.prefill_fn(graphdef, p, s, i, n), implementation)
+        decode = jitted(lambda p, s, t, a: run.decode_fn(graphdef, p, s, t, a), implementation)
         state = init_state(config, 1, prompt + args.decode_steps + 64)
         logits, _, state = prefill(params, state, ids, jnp.array([prompt], jnp.int32))
         token = jnp.argmax(logits, -1).astype(jnp.int32)

@@ -16,7 +16,7 @@ import numpy as np
 
 from dsv4jax.eval.buckets import batches_by_length
 from dsv4jax.model import init_state
-from dsv4jax.run import forward
+from dsv4jax.run import forward_fn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +28,7 @@ class LoglikResult:
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _score(graphdef, params, state, ids, lengths, targets, scored):
     """Per row: Σ log p(targets) over `scored` positions, and whether every scored target is the argmax."""
-    logits, _, _ = forward.__wrapped__(graphdef, params, state, ids, lengths)
+    logits, _, _ = forward_fn(graphdef, params, state, ids, lengths)
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     chosen = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
     greedy = jnp.argmax(logits, axis=-1) == targets

@@ -11,12 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv4jax.model import init_state
-from dsv4jax.run import forward
+from dsv4jax.run import forward_fn
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _chunk_nll(graphdef, params, state, ids, num_new, targets, scored):
-    logits, _, state = forward.__wrapped__(graphdef, params, state, ids, num_new)
+    logits, _, state = forward_fn(graphdef, params, state, ids, num_new)
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     chosen = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
     return -jnp.sum(jnp.where(scored, chosen, 0.0)), state
