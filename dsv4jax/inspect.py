@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dsv4jax.checkpoint.names import path_key
 from dsv4jax.model import init_state
 from dsv4jax.model.inspection import set_recording
 
@@ -27,7 +28,7 @@ def _capture(model, prompt) -> tuple[dict, int]:
     padded[0, :len(ids)] = ids
     intermediates = _captured(module, jnp.asarray(padded), init_state(model.config, 1, width),
                               jnp.array([len(ids)], jnp.int32))
-    flat = {".".join(str(k) for k in path): np.asarray(var.get_value()[0])
+    flat = {path_key(path): np.asarray(var.get_value()[0])
             for path, var in nnx.to_flat_state(intermediates)}
     return flat, len(ids)
 

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from dsv4jax import quant
 from dsv4jax.checkpoint.errors import CheckpointError
 from dsv4jax.checkpoint.names import (HF_STACKED_EXPERTS, hf_to_official, is_hf_naming, official_names,
-                                      param_target)
+                                      param_target, path_key)
 from dsv4jax.checkpoint.safetensors_io import SafetensorsFile, read_index
 from dsv4jax.config import ModelConfig, load_config
 
@@ -36,7 +36,7 @@ def _abstract_params(config: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
 
 
 def _flat_targets(state: nnx.State) -> dict[str, jax.ShapeDtypeStruct]:
-    return {".".join(str(k) for k in path): var.get_value() for path, var in nnx.to_flat_state(state)}
+    return {path_key(path): var.get_value() for path, var in nnx.to_flat_state(state)}
 
 
 class _Assembler:
@@ -175,7 +175,7 @@ def read_host_params(path: str | os.PathLike, dtype: str | None = None, progress
     graphdef, state = _abstract_params(config)
     targets = _flat_targets(state)
     values = read_checkpoint(directory, config, targets, progress)
-    flat = [(path, var.replace(values[".".join(str(k) for k in path)])) for path, var in nnx.to_flat_state(state)]
+    flat = [(path, var.replace(values[path_key(path)])) for path, var in nnx.to_flat_state(state)]
     return config, graphdef, nnx.from_flat_state(flat)
 
 

@@ -16,6 +16,11 @@ _HC_NAME = re.compile(r"^(?P<prefix>(?:mtp\.\d+\.|layers\.\d+\.)?)hc_(?P<which>a
 _EXPERT_NAME = re.compile(r"^(?P<prefix>.*\.ffn\.experts)\.(?P<expert>\d+)\.(?P<proj>w[123])\.weight$")
 
 
+def path_key(path: tuple) -> str:
+    """An NNX state path, e.g. ('layers', 0, 'attn', 'wq_a', 'weight') -> 'layers.0.attn.wq_a.weight'."""
+    return ".".join(str(k) for k in path)
+
+
 def official_names(param_path: str, num_experts: int) -> list[tuple[str, int | None]]:
     """Checkpoint names that fill one parameter: [(name, expert index or None)]."""
     m = _HC_PARAM.match(param_path)

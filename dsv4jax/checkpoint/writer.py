@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from dsv4jax import quant
-from dsv4jax.checkpoint.names import official_names
+from dsv4jax.checkpoint.names import official_names, path_key
 from dsv4jax.checkpoint.safetensors_io import save_file
 from dsv4jax.config import save_config
 
@@ -29,7 +29,7 @@ FP32_TENSOR = re.compile(r"(hc_(attn|ffn|head)_(fn|base|scale)|attn_sink|\.ape|g
 def official_tensors(model: nnx.Module, quantize: bool) -> dict[str, np.ndarray]:
     tensors: dict[str, np.ndarray] = {}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Not(nnx.Intermediate))):
-        key = ".".join(str(k) for k in path)
+        key = path_key(path)
         value = np.asarray(var.get_value())
         for name, expert in official_names(key, value.shape[0] if value.ndim else 0):
             tensor = value if expert is None else value[expert]

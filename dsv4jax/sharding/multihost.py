@@ -37,13 +37,10 @@ def initialize(coordinator: str, num_processes: int, process_id: int, local_cpu_
 
 def replicated(tree, device_mesh):
     """Host values (identical in every process) -> global arrays replicated over the mesh."""
+    from dsv4jax.sharding.params import host_to_global
+
     sharding = NamedSharding(device_mesh, P())
-
-    def place(value):
-        value = np.asarray(value)
-        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
-
-    return jax.tree.map(place, tree)
+    return jax.tree.map(lambda value: host_to_global(value, sharding), tree)
 
 
 def local_value(array: jax.Array) -> np.ndarray:

@@ -38,15 +38,17 @@ def init_sharded(config: ModelConfig, mesh: MeshConfig, device_mesh, seed: int =
     return graphdef, jax.jit(init, out_shardings=shardings)()
 
 
+def host_to_global(value, sharding) -> jax.Array:
+    """A host value (the same in every process) -> a global array; each device receives only its shard."""
+    value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
 def shard_host_params(host: nnx.State, mesh: MeshConfig, device_mesh) -> nnx.State:
     """A state of host arrays (numpy, or arrays on one device) -> the same state sharded by the rules table."""
     shardings = param_shardings(host, mesh, device_mesh)
 
-    def place(value, sharding):
-        value = np.asarray(value) if not isinstance(value, np.ndarray) else value
-        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
-
-    return jax.tree.map(lambda v, s: v.replace(place(v.get_value(), s.get_value())), host, shardings,
+    return jax.tree.map(lambda v, s: v.replace(host_to_global(v.get_value(), s.get_value())), host, shardings,
                         is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
