@@ -31,10 +31,16 @@ LOG2E = math.log2(math.e)
 # The compiled kernel gives wrong outputs on the H100 (jax 0.11.2) while it passes in the interpreter; "auto"
 # dispatch keeps the reference until this is True. See NOTES.md.
 VERIFIED_ON_GPU = False
-OUT_VIA_SMEM = True  # False (store from registers) was tried: same wrong output on the H100
 import os as _os
+OUT_VIA_SMEM = _os.environ.get("DSV4JAX_SA_OUTREG", "0") != "1"  # else store the output from registers
 TILED_CHUNKED = _os.environ.get("DSV4JAX_SA_CHUNKED", "1") == "1"  # tiled KV buffer as (d/CW, bk, CW) chunks
 STAGE_CONTIG = _os.environ.get("DSV4JAX_SA_CONTIG", "0") == "1"  # staging as (d/CW, bk, CW): d/CW TMAs per row
+# GPU-debugging variants (read at trace time; see debug_full.py): Q/output SMEM as 64-column chunks, exchange
+# row padding and load plan, indices in SMEM as (blocks, bk).
+Q_CHUNKED = _os.environ.get("DSV4JAX_SA_QCHUNK", "0") == "1"
+EXCH_PAD = int(_os.environ.get("DSV4JAX_SA_XP", "8"))
+IDS_2D = _os.environ.get("DSV4JAX_SA_IDS2D", "0") == "1"
+EXCH_OPT = _os.environ.get("DSV4JAX_SA_XOPT", "1") == "1"  # bank-conflict-avoiding plan for the exchange load
 HEADS_PER_CTA = 64  # wgmma M of one warpgroup
 
 
@@ -57,6 +63,9 @@ def unsupported_reason(q, kv, indices, sink) -> str | None:
 
 
 def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False):
+    """debug=True adds three outputs, stored straight from registers (per token and compute warpgroup h):
+    [T, 2, 5, M, bk] f32 for block 0: own partial scores, the other WG's, masked scaled scores, valid, P;
+    [T, 2, 4, M] f32: m before / after block 0, l after block 0, final l; [T, 2, M, d/2] f32: final acc."""
     G = Hp // HEADS_PER_CTA
     dh = d // 2
     nblk = Kp // bk
@@ -64,7 +73,7 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False):
     NT = 2  # tiled buffers (wgmma operands)
     CW = 64  # conversion chunk width (columns)
     M = HEADS_PER_CTA
-    XP = 0 if debug else 8  # exchange row padding (the debug dump needs a contiguous tile)
+    XP = EXCH_PAD  # exchange row padding (bank conflicts)
     TL = T if T <= 32768 else 1024  # CUDA grid y/z dimensions stop at 65535: tokens as (T/TL, TL)
     assert T % TL == 0
     RW = CW if STAGE_CONTIG else min(d, 256)  # a TMA box has at most 256 elements per dimension
@@ -88,26 +97,30 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False):
         return x if interpret is not None else plgpu.layout_cast(x, layout)
 
     def body(q_ref, kv_ref, idx_ref, sink_ref, out_ref, *rest):
+        dbg = None
         if debug:
-            dbg_tiled, dbg_s, *rest = rest
+            dbg, rest = rest[:3], rest[3:]
         (q_smem, stage, tiled, exch, idx_smem, sink_smem,
          q_bar, idx_bar, stage_bar, ready_bar, free_bar, x_bar, xfree_bar) = rest
-        return body_(q_ref, kv_ref, idx_ref, sink_ref, out_ref, q_smem, stage, tiled, exch, idx_smem, sink_smem,
-             q_bar, idx_bar, stage_bar, ready_bar, free_bar, x_bar, xfree_bar,
-             dbg_tiled if debug else None, dbg_s if debug else None)
-
-    def body_(q_ref, kv_ref, idx_ref, sink_ref, out_ref, q_smem, stage, tiled, exch, idx_smem, sink_smem,
-              q_bar, idx_bar, stage_bar, ready_bar, free_bar, x_bar, xfree_bar, dbg_tiled, dbg_s):
         tok = lax.axis_index("th") * TL + lax.axis_index("tl")
         grp = lax.axis_index("hg")
         wg = lax.axis_index("wg")
         kv_b = 0 if Bk == 1 else jnp.minimum(lax.div(tok, jnp.int32(S)), Bk - 1)
 
+        def q_chunk(h, c):  # A operand of QKᵀ: 64 columns of this WG's Q half
+            return q_smem.at[h, c] if Q_CHUNKED else q_smem.at[h, :, pl.ds(c * CW, CW)]
+
         @pl.when(wg < 2)
         def _compute():
             plgpu.set_max_registers(232, action="increase")
             h = wg
-            plgpu.copy_gmem_to_smem(q_ref.at[tok, pl.ds(grp * M, M), pl.ds(h * dh, dh)], q_smem.at[h], q_bar.at[h])
+            if Q_CHUNKED:
+                for c in range(HCH):
+                    plgpu.copy_gmem_to_smem(q_ref.at[tok, pl.ds(grp * M, M), pl.ds(h * dh + c * CW, CW)],
+                                            q_smem.at[h, c], q_bar.at[h])
+            else:
+                plgpu.copy_gmem_to_smem(q_ref.at[tok, pl.ds(grp * M, M), pl.ds(h * dh, dh)], q_smem.at[h],
+                                        q_bar.at[h])
             plgpu.copy_gmem_to_smem(sink_ref.at[grp], sink_smem.at[h], q_bar.at[h])
             plgpu.barrier_wait(q_bar.at[h])
             m0 = load(sink_smem.at[h], plgpu.Layout.WGMMA.reduce(1))  # sink·log2e
@@ -123,8 +136,7 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False):
                 def qk(acc_ref):
                     if TILED_CHUNKED:
                         for c in range(HCH):
-                            plgpu.wgmma(acc_ref, q_smem.at[h, :, pl.ds(c * CW, CW)],
-                                        plgpu.transpose_ref(tiled.at[slot, h * HCH + c], (1, 0)))
+                            plgpu.wgmma(acc_ref, q_chunk(h, c), plgpu.transpose_ref(tiled.at[slot, h * HCH + c], (1, 0)))
                     else:
                         plgpu.wgmma(acc_ref, q_smem.at[h], plgpu.transpose_ref(kv_half, (1, 0)))
                     return acc_ref[...]
@@ -136,7 +148,10 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False):
                         kv_half = tiled.at[slot, pl.ds(h * HCH, HCH)][...].transpose(1, 0, 2).reshape(bk, dh)
                     else:
                         kv_half = kv_half[...]
-                    s_own = lax.dot_general(q_smem.at[h][...], kv_half, (((1,), (1,)), ((), ())),
+                    q_half = q_smem.at[h][...]
+                    if Q_CHUNKED:
+                        q_half = q_half.transpose(1, 0, 2).reshape(M, dh)
+                    s_own = lax.dot_general(q_half, kv_half, (((1,), (1,)), ((), ())),
                                             preferred_element_type=jnp.float32)
 
                 @pl.when(j > 0)
@@ -146,26 +161,28 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False):
                 exch.at[h, :, pl.ds(0, bk)][...] = s_own
                 plgpu.barrier_arrive(x_bar)
                 plgpu.barrier_wait(x_bar)
-                s_other = load(exch.at[1 - h, :, pl.ds(0, bk)], plgpu.Layout.WGMMA, optimized=not debug)
+                s_other = load(exch.at[1 - h, :, pl.ds(0, bk)], plgpu.Layout.WGMMA, optimized=EXCH_OPT)
                 plgpu.barrier_arrive(xfree_bar)
                 s = (s_own + s_other) * qk_scale  # fp32 + is commutative: both WGs get identical scores
-                ids = load(idx_smem.at[pl.ds(j * bk, bk)], plgpu.Layout.WGMMA.reduce(0))
+                ids_src = idx_smem.at[j] if IDS_2D else idx_smem.at[pl.ds(j * bk, bk)]
+                ids = load(ids_src, plgpu.Layout.WGMMA.reduce(0))
                 valid = lax.broadcast_in_dim(ids >= 0, (M, bk), [1])
                 s = jnp.where(valid, s, -jnp.inf)
-                if debug:
-                    @pl.when((j == 0) & (h == 0))
-                    def _():
-                        exch.at[0, :, pl.ds(0, bk)][...] = s_own
-                        plgpu.commit_smem()
-                        plgpu.copy_smem_to_gmem(exch.at[0, :, pl.ds(0, bk)], dbg_s.at[tok])
-                        plgpu.copy_smem_to_gmem(tiled.at[slot], dbg_tiled.at[tok])
-                        plgpu.wait_smem_to_gmem(0)
                 m_new = jnp.maximum(m_i, s.max(axis=1))
                 alpha = jnp.exp2(m_i - m_new)
                 p = jnp.exp2(s - lax.broadcast_in_dim(m_new, (M, bk), [0]))
-                l_i = l_i * alpha + p.sum(axis=1)
+                l_new = l_i * alpha + p.sum(axis=1)
                 acc = acc * lax.broadcast_in_dim(alpha, (M, dh), [0])
                 p16 = p.astype(dtype)
+                if debug:
+                    @pl.when(j == 0)
+                    def _():
+                        one = s_own * 0.0 + 1.0
+                        for k, v in enumerate((s_own, s_other, s, jnp.where(valid, one, one - 1.0),
+                                               p16.astype(jnp.float32))):
+                            dbg[0].at[tok, h, k][...] = v
+                        for k, v in enumerate((m_i, m_new, l_new)):
+                            dbg[1].at[tok, h, k][...] = v
 
                 if interpret is None:
                     def pv(acc_ref):
@@ -177,32 +194,47 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False):
 
                     acc = pl.run_state(pv)(plgpu.ACC.init(acc))
                 else:  # the interpreter has no run_state and no wgmma with A in registers: a plain dot
+                    if TILED_CHUNKED:
+                        kv_half = tiled.at[slot, pl.ds(h * HCH, HCH)][...].transpose(1, 0, 2).reshape(bk, dh)
                     acc = acc + jnp.dot(p16, kv_half, preferred_element_type=jnp.float32)
                 plgpu.barrier_arrive(free_bar.at[slot])
-                return acc, m_new, l_i
+                return acc, m_new, l_new
 
             acc, m_i, l_i = lax.fori_loop(0, nblk, step, (acc0, m0, l0))
             plgpu.barrier_wait(xfree_bar)  # observe the last exchange phase (barriers end fully observed)
+            if debug:
+                dbg[1].at[tok, h, 3][...] = l_i
+                dbg[2].at[tok, h][...] = acc
             acc = acc / lax.broadcast_in_dim(l_i, (M, dh), [0])
             out_dst = out_ref.at[tok, pl.ds(grp * M, M), pl.ds(h * dh, dh)]
-            if OUT_VIA_SMEM or interpret is not None:
+            if Q_CHUNKED:  # this WG's Q chunks are no longer needed: the output goes through them
+                for c in range(HCH):
+                    q_smem.at[h, c][...] = acc[:, c * CW:(c + 1) * CW].astype(dtype)
+                plgpu.commit_smem()
+                for c in range(HCH):
+                    plgpu.copy_smem_to_gmem(q_smem.at[h, c], out_dst.at[:, pl.ds(c * CW, CW)])
+                plgpu.wait_smem_to_gmem(0)
+            elif OUT_VIA_SMEM or interpret is not None:
                 q_smem.at[h][...] = acc.astype(dtype)  # this WG's Q half is no longer needed
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(q_smem.at[h], out_dst)
                 plgpu.wait_smem_to_gmem(0)
-            else:  # straight from registers: the 64B-swizzled SMEM -> GMEM TMA gave wrong data on the H100
+            else:
                 out_dst[...] = acc.astype(dtype)
 
         @pl.when(wg == 2)
         def _memory():
             plgpu.set_max_registers(40, action="decrease")
             for c in range(Kp // IC):
-                plgpu.copy_gmem_to_smem(idx_ref.at[tok, pl.ds(c * IC, IC)], idx_smem.at[pl.ds(c * IC, IC)], idx_bar)
+                dst = idx_smem.at[pl.ds(c * IC // bk, IC // bk)] if IDS_2D else idx_smem.at[pl.ds(c * IC, IC)]
+                plgpu.copy_gmem_to_smem(idx_ref.at[tok, pl.ds(c * IC // bk, IC // bk)] if IDS_2D
+                                        else idx_ref.at[tok, pl.ds(c * IC, IC)], dst, idx_bar)
             plgpu.barrier_wait(idx_bar)
 
             def gather(j, slot):
                 for r in range(bk):
-                    row = jnp.maximum(idx_smem[j * bk + r], 0)
+                    flat = j * bk + r
+                    row = jnp.maximum(idx_smem[flat // bk, flat % bk] if IDS_2D else idx_smem[flat], 0)
                     if STAGE_CONTIG:  # d/CW TMAs per row, into chunk-major staging
                         for k in range(d // RW):
                             plgpu.copy_gmem_to_smem(kv_ref.at[kv_b, pl.ds(row, 1), k], stage.at[slot, k, pl.ds(r, 1)],
@@ -244,14 +276,15 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False):
             for j in range(max(nblk - NT, 0), nblk):  # observe the last blocks' releases
                 plgpu.barrier_wait(free_bar.at[j % NT])
 
+    HCH_ = d // 2 // CW
     scratch = [
-        plgpu.SMEM((2, M, dh), dtype, transforms=tiled_t),  # Q halves, then the output
+        plgpu.SMEM((2, HCH_, M, CW) if Q_CHUNKED else (2, M, dh), dtype, transforms=tiled_t),  # Q halves, then out
         plgpu.SMEM((NS, d // RW, bk, RW) if STAGE_CONTIG else (NS, bk, d // RW, RW), dtype),  # staging (row gathers)
         plgpu.SMEM((NT, NCH, bk, CW) if TILED_CHUNKED else (NT, bk, d), dtype, transforms=tiled_t),  # wgmma operand
         plgpu.SMEM((2, M, bk + XP), jnp.float32),  # partial-score exchange (rows padded: no bank conflicts)
-        plgpu.SMEM((Kp,), jnp.int32),
+        plgpu.SMEM((nblk, bk) if IDS_2D else (Kp,), jnp.int32),
         plgpu.SMEM((2, M), jnp.float32),
-        plgpu.Barrier(num_arrivals=2, num_barriers=2),  # q_bar: Q half + sink
+        plgpu.Barrier(num_arrivals=1 + (HCH_ if Q_CHUNKED else 1), num_barriers=2),  # q_bar: Q + sink
         plgpu.Barrier(num_arrivals=Kp // IC),  # idx_bar
         plgpu.Barrier(num_arrivals=bk * (d // RW if STAGE_CONTIG else 1), num_barriers=NS),  # stage_bar: row copies
         plgpu.Barrier(num_barriers=NT),  # ready_bar
@@ -264,8 +297,9 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False):
         kwargs["interpret"] = interpret
     out_type = jax.ShapeDtypeStruct((T, Hp, d), dtype)
     if debug:
-        out_type = (out_type, jax.ShapeDtypeStruct((T, bk, d), dtype), jax.ShapeDtypeStruct((T, M, bk), jnp.float32))
-    return plgpu.kernel(
+        out_type = (out_type, jax.ShapeDtypeStruct((T, 2, 5, M, bk), jnp.float32),
+                    jax.ShapeDtypeStruct((T, 2, 4, M), jnp.float32), jax.ShapeDtypeStruct((T, 2, M, dh), jnp.float32))
+    call = plgpu.kernel(
         body,
         out_type=out_type,
         scratch_types=scratch,
@@ -276,11 +310,15 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False):
         compiler_params=plgpu.CompilerParams(approx_math=True),
         **kwargs,
     )
+    if not IDS_2D:
+        return call
+    return lambda q, kv, idx, sink: call(q, kv, idx.reshape(T, nblk, bk), sink)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "bk", "interpret"))
-def sparse_attention_kernel(q, kv, indices, sink, scale: float, bk: int = 32, interpret=None):
-    """Same contract as `sparse_attention_reference`; kv may have batch 1 (shared over B)."""
+@functools.partial(jax.jit, static_argnames=("scale", "bk", "interpret", "debug"))
+def sparse_attention_kernel(q, kv, indices, sink, scale: float, bk: int = 32, interpret=None, debug=False):
+    """Same contract as `sparse_attention_reference`; kv may have batch 1 (shared over B).
+    debug=True also returns the kernel's intermediate dumps (see `_build`; GPU debugging only)."""
     reason = unsupported_reason(q, kv, indices, sink)
     if reason:
         raise ValueError(f"sparse_attention kernel: {reason}")
@@ -303,7 +341,10 @@ def sparse_attention_kernel(q, kv, indices, sink, scale: float, bk: int = 32, in
     if Tp != T:  # pad the token axis for the grid; the padded queries read row 0 and are dropped
         qf = jnp.pad(qf, ((0, Tp - T), (0, 0), (0, 0)))
         idx = jnp.pad(idx, ((0, Tp - T), (0, 0)), constant_values=-1)
-    call = _build(Tp, S, Hp, d, N, Bk, Kp, q.dtype, float(scale), bk, interpret)
+    call = _build(Tp, S, Hp, d, N, Bk, Kp, q.dtype, float(scale), bk, interpret, debug=debug)
     rw = 64 if STAGE_CONTIG else min(d, 256)
     out = call(qf, kv.reshape(Bk, N, d // rw, rw), idx, sinkf.reshape(Hp // HEADS_PER_CTA, HEADS_PER_CTA))
+    if debug:
+        out, *dumps = out
+        return (out[:T, :H].reshape(B, S, H, d), *dumps)
     return out[:T, :H].reshape(B, S, H, d)
