@@ -14,7 +14,7 @@ from dsv4jax.model.layout import IDENTITY, TokenLayout
 from dsv4jax.model.linear import Linear
 from dsv4jax.model.norm import RMSNorm, rms_normalize
 from dsv4jax.model.rope import apply_rope, rope_frequencies
-from dsv4jax.model.state import LayerState
+from dsv4jax.model.state import LayerState, row_view
 from dsv4jax.pallas.sparse_attention import sparse_attention
 
 
@@ -53,7 +53,7 @@ class Attention(nnx.Module):
         """
         batch, local = x.shape[:2]
         chunk = layout.chunk_length(local)
-        window, freqs = self.window, rope_frequencies(self.config, self.ratio)
+        freqs = rope_frequencies(self.config, self.ratio)
         positions = layout.positions(start, local)  # of the local queries
         chunk_positions = start[:, None] + jnp.arange(chunk)
 
@@ -66,22 +66,24 @@ class Attention(nnx.Module):
 
         # Candidate rows live in one buffer: [window ring | this chunk | compressed rows].
         buffers = [state.window, kv]
-        indices = [self._window_indices(positions, start, chunk)]
+        ring = state.window.shape[1]
+        indices = [self._window_indices(positions, start, ring)]
         compressor, indexer = state.compressor, state.indexer
         if self.ratio:
             projections = layout.gather_chunk(self.compressor.project(x, positions))
             compressor = self.compressor.absorb(projections, compressor, start, num_new, freqs)
-            offset = window + chunk
-            num_rows = compressor.rows.shape[1]
+            offset = ring + chunk
+            compressed_rows = row_view(compressor.rows)
+            num_rows = compressed_rows.shape[1]
             if self.ratio == 4:
                 index_projections = layout.gather_chunk(self.indexer.compressor.project(x, positions))
                 indexer = self.indexer.compressor.absorb(index_projections, indexer, start, num_new, freqs)
-                rows = self.indexer(x, q_latent, positions, indexer.rows, freqs)
+                rows = self.indexer(x, q_latent, positions, row_view(indexer.rows), freqs)
                 record(self, "indexer_rows", rows)
             else:  # HCA attends every visible row (§8.3)
                 rows = jnp.broadcast_to(jnp.arange(num_rows), (batch, local, num_rows))
                 rows = jnp.where(rows < ((positions + 1) // self.ratio)[..., None], rows, -1)
-            buffers.append(compressor.rows)
+            buffers.append(compressed_rows)
             indices.append(jnp.where(rows >= 0, rows + offset, -1))
         out = sparse_attention(q, jnp.concatenate(buffers, axis=1), jnp.concatenate(indices, axis=-1),
                                self.attn_sink[...], self.head_dim ** -0.5)
@@ -90,16 +92,15 @@ class Attention(nnx.Module):
         out = self._grouped_output(out)
 
         end = (start + num_new)[:, None]
-        keep = (chunk_positions < end) & (chunk_positions >= end - window)
-        new_window = _batch_scatter(state.window, jnp.where(keep, chunk_positions % window, window), kv)
+        keep = (chunk_positions < end) & (chunk_positions >= end - ring)
+        new_window = _batch_scatter(state.window, jnp.where(keep, chunk_positions % ring, ring), kv)
         return out, LayerState(window=new_window, compressor=compressor, indexer=indexer)
 
-    def _window_indices(self, positions, start, chunk):
+    def _window_indices(self, positions, start, ring):
         """Buffer index of position t−i (i < w) for each query t: ring slot if before `start`, else in chunk."""
-        w = self.window
-        key_positions = positions[..., None] - jnp.arange(w)  # [B,S,w]
+        key_positions = positions[..., None] - jnp.arange(self.window)  # [B,S,w]
         start = start[:, None, None]
-        index = jnp.where(key_positions >= start, w + key_positions - start, key_positions % w)
+        index = jnp.where(key_positions >= start, ring + key_positions - start, key_positions % ring)
         return jnp.where(key_positions >= 0, index, -1).astype(jnp.int32)
 
     def _grouped_output(self, out: jax.Array) -> jax.Array:

@@ -12,7 +12,7 @@ from dsv4jax.model.init import fan_in_normal, normal
 from dsv4jax.model.linear import matmul_fp32
 from dsv4jax.model.norm import RMSNorm
 from dsv4jax.model.rope import apply_rope
-from dsv4jax.model.state import CompressorState
+from dsv4jax.model.state import CompressorState, row_write
 
 
 def _batch_take(buffer: jax.Array, index: jax.Array) -> jax.Array:
@@ -111,8 +111,7 @@ class Compressor(nnx.Module):
         new_rows = self.norm(pooled.astype(state.rows.dtype))
         new_rows = apply_rope(new_rows, rows * m, frequencies)
         new_rows = simulate_quantization(new_rows, self.row_transform, self.rope_dim)
-        out_of_range = state.rows.shape[1]
-        row_buffer = _batch_scatter(state.rows, jnp.where(complete, rows, out_of_range), new_rows)
+        row_buffer = row_write(state.rows, rows, complete, new_rows)
 
         # Keep the projections of the last `ring` real positions for later rows.
         end = (start + num_new)[:, None]

@@ -1,0 +1,137 @@
+"""The engine's caches: per-slot V4 state (ARCHITECTURE §11) for many sequences, with the growing
+compressed-row and indexer-key caches in fixed-size pages (PagedRows) handed out by a host-side allocator.
+
+One page table serves every layer: a page covers `page_tokens` positions of a sequence, so it holds
+page_tokens / m rows of a ratio-m layer (CSA rows and indexer keys, HCA rows), each layer in its own pool.
+The fixed-size parts (window ring, compressor rings) live per slot; slot `num_slots` is a scratch slot that
+padding rows of a batch bucket point at.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsv4jax.config import ModelConfig
+from dsv4jax.model.state import CompressorState, DecodeState, LayerState, PagedRows, init_state
+
+
+class OutOfPages(RuntimeError):
+    pass
+
+
+class PageAllocator:
+    """Free list of page ids 1..num_pages−1 (page 0 is the scratch page that unallocated table entries name)."""
+
+    def __init__(self, num_pages: int):
+        self.num_pages = num_pages
+        self._free = list(range(num_pages - 1, 0, -1))
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    @property
+    def total(self) -> int:
+        return self.num_pages - 1
+
+    def allocate(self, count: int) -> list[int]:
+        if count > len(self._free):
+            raise OutOfPages(f"{count} pages wanted, {len(self._free)} free")
+        return [self._free.pop() for _ in range(count)]
+
+    def release(self, pages: list[int]) -> None:
+        self._free.extend(reversed(pages))
+
+
+def _pytree(cls):
+    return jax.tree_util.register_dataclass(dataclasses.dataclass(frozen=True)(cls))
+
+
+@_pytree
+class EngineCaches:
+    """Device state of all slots. In `target` and `mtp`, compressor `rows` hold page pools [pages, r, d_c]."""
+
+    target: DecodeState
+    mtp: DecodeState | None  # the MTP layer's state (speculative decoding only)
+    last_streams: jax.Array | None  # [slots+1, n, D] target streams at each sequence's last processed position
+    counts: jax.Array  # [slots+1, V] int32 generated-token counts (presence / frequency penalties)
+    seen: jax.Array  # [slots+1, V] bool prompt ∪ generated tokens (repetition penalty)
+
+
+def _paged(state: DecodeState, config: ModelConfig, layer_ids, num_pages: int, page_tokens: int) -> DecodeState:
+    """Replace each dense row buffer by a zero page pool."""
+    def pool(compressor: CompressorState | None, ratio: int):
+        if compressor is None:
+            return None
+        dim = compressor.rows.shape[-1]
+        return dataclasses.replace(compressor, rows=jnp.zeros((num_pages, page_tokens // ratio, dim),
+                                                              compressor.rows.dtype))
+
+    layers = tuple(dataclasses.replace(layer, compressor=pool(layer.compressor, config.compress_ratio(i)),
+                                       indexer=pool(layer.indexer, config.compress_ratio(i)))
+                   for i, layer in zip(layer_ids, state.layers))
+    return DecodeState(lengths=state.lengths, layers=layers)
+
+
+def init_caches(config: ModelConfig, num_slots: int, num_pages: int, page_tokens: int,
+                speculative_steps: int) -> EngineCaches:
+    """Empty caches for `num_slots` sequences (+ the scratch slot) and a pool of `num_pages` pages."""
+    slots = num_slots + 1
+    margin = speculative_steps  # ring slack so rejected speculative writes never clobber live slots
+    target = _paged(init_state(config, slots, 1, ring_margin=margin), config, range(config.num_hidden_layers),
+                    num_pages, page_tokens)
+    mtp = last_streams = None
+    if speculative_steps:
+        mtp = _paged(init_state(config, slots, 1, mtp=True, ring_margin=margin), config, [config.mtp_layer],
+                     num_pages, page_tokens)
+        last_streams = jnp.zeros((slots, config.hc_mult, config.hidden_size), jnp.dtype(config.dtype))
+    return EngineCaches(target=target, mtp=mtp, last_streams=last_streams,
+                        counts=jnp.zeros((slots, config.vocab_size), jnp.int32),
+                        seen=jnp.zeros((slots, config.vocab_size), bool))
+
+
+def _map_layers(state: DecodeState, per_slot, pooled) -> DecodeState:
+    """Apply per_slot(array) to the slot-indexed leaves (window, rings) and pooled(pool) to the row pools."""
+    def compressor(c: CompressorState | None):
+        if c is None:
+            return None
+        return CompressorState(kv=per_slot(c.kv), gate=per_slot(c.gate), rows=pooled(c.rows))
+
+    layers = tuple(LayerState(window=per_slot(layer.window), compressor=compressor(layer.compressor),
+                              indexer=compressor(layer.indexer)) for layer in state.layers)
+    return DecodeState(lengths=state.lengths, layers=layers)
+
+
+def gather_slots(state: DecodeState, slots: jax.Array, starts: jax.Array, tables: jax.Array) -> DecodeState:
+    """The model-ready state of a batch: rows `slots` of every ring, the shared pools behind the batch's page
+    tables, and the host's lengths (the host owns lengths, which makes a speculative rollback free)."""
+    batch = _map_layers(state, lambda a: a[slots], lambda pool: PagedRows(pool=pool, table=tables))
+    return dataclasses.replace(batch, lengths=starts)
+
+
+def scatter_slots(state: DecodeState, batch: DecodeState, slots: jax.Array) -> DecodeState:
+    """Write a batch's rings back to their slots and keep its updated pools."""
+    def compressor(c: CompressorState | None, b: CompressorState | None):
+        if c is None:
+            return None
+        return CompressorState(kv=c.kv.at[slots].set(b.kv), gate=c.gate.at[slots].set(b.gate), rows=b.rows.pool)
+
+    layers = tuple(LayerState(window=layer.window.at[slots].set(new.window),
+                              compressor=compressor(layer.compressor, new.compressor),
+                              indexer=compressor(layer.indexer, new.indexer))
+                   for layer, new in zip(state.layers, batch.layers))
+    return DecodeState(lengths=state.lengths, layers=layers)
+
+
+def pages_for(tokens: int, page_tokens: int) -> int:
+    return -(-tokens // page_tokens)
+
+
+def table_row(pages: list[int], width: int) -> np.ndarray:
+    row = np.zeros((width,), np.int32)
+    row[:len(pages)] = pages
+    return row

@@ -1,0 +1,398 @@
+"""The inference engine: continuous batching over paged V4 caches, chunked prefill beside decode, per-request
+sampling, and MTP speculative decoding.
+
+    engine = Engine(dsv4jax.load(), EngineConfig(max_running_requests=8, speculative_steps=2))
+    engine.warmup()                                   # compiles every shape bucket once
+    completions = engine.generate(["def main(", "import "], SamplingParams(max_tokens=64, temperature=0))
+
+Each `step()` admits waiting requests, runs one prefill chunk for the oldest prefilling requests and one decode
+(or speculative) step for the others, and returns what each request produced. Device work is a handful of
+ahead-of-time compiled executables, one per shape bucket (rows × chunk length); steady state compiles nothing.
+`submit` and `abort` may be called from other threads; `step` from one thread only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import math
+import threading
+from typing import Iterator
+
+import jax
+import numpy as np
+
+from dsv4jax.config import ConfigError
+from dsv4jax.serve.cache import init_caches, pages_for
+from dsv4jax.serve.sampling import SamplingParams, SamplingRows
+from dsv4jax.serve.scheduler import AdmissionError, QueueFullError, Request, Scheduler, bucket_for, buckets
+from dsv4jax.serve.speculative import speculative_step
+from dsv4jax.serve.steps import Batch, decode_step, prefill_step
+
+__all__ = ["Engine", "EngineConfig", "AdmissionError", "QueueFullError", "RequestOutput", "Completion",
+           "SamplingParams"]
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    max_running_requests: int = 8  # cache slots: requests decoding at once
+    max_model_len: int = 4096  # prompt + generated tokens of one request
+    page_tokens: int = 256  # positions per cache page (a multiple of every compression ratio)
+    num_pages: int | None = None  # None: enough for every slot at max_model_len
+    prefill_chunk: int = 256  # most prompt tokens per request per step
+    prefill_buckets: tuple[int, ...] = ()  # chunk lengths compiled; () = prefill_chunk/16, /4, /1
+    max_prefill_rows: int = 4  # requests prefilled together in one step
+    decode_buckets: tuple[int, ...] = ()  # batch sizes compiled for decode; () = powers of two up to max_running
+    speculative_steps: int = 0  # MTP drafts per step (0: off, 1–3)
+    max_waiting_requests: int = 256
+    prompt_logprobs: bool = True  # compile prefill with per-token prompt logprobs (echo); False skips that LM head
+    seed: int = 0  # seeds requests that give none
+
+    def validate(self, model_config) -> None:
+        def need(ok, field, allowed):
+            if not ok:
+                raise ConfigError(f"EngineConfig.{field}={getattr(self, field)!r} is invalid: {allowed}")
+
+        ratios = [r for r in model_config.compress_ratios if r] or [1]
+        multiple = math.lcm(*ratios)
+        need(self.max_running_requests >= 1, "max_running_requests", "need at least 1")
+        need(1 <= self.max_model_len <= model_config.max_position_embeddings, "max_model_len",
+             f"need 1 ≤ max_model_len ≤ the model's max_position_embeddings ({model_config.max_position_embeddings})")
+        need(self.page_tokens >= multiple and self.page_tokens % multiple == 0, "page_tokens",
+             f"must be a positive multiple of {multiple} (the compression ratios {sorted(set(ratios))})")
+        need(self.prefill_chunk >= 1, "prefill_chunk", "need at least 1")
+        need(all(1 <= b <= self.prefill_chunk for b in self.prefill_buckets), "prefill_buckets",
+             f"each bucket must lie in [1, prefill_chunk={self.prefill_chunk}]")
+        need(self.max_prefill_rows >= 1, "max_prefill_rows", "need at least 1")
+        need(all(1 <= b <= self.max_running_requests for b in self.decode_buckets), "decode_buckets",
+             f"each bucket must lie in [1, max_running_requests={self.max_running_requests}]")
+        need(0 <= self.speculative_steps <= 3, "speculative_steps", "MTP speculation takes 0 (off) to 3 steps")
+        need(self.speculative_steps == 0 or model_config.num_mtp_layers > 0, "speculative_steps",
+             "the model has no MTP layer; use 0")
+        need(self.max_waiting_requests >= 0, "max_waiting_requests", "need ≥ 0")
+        pages = self.num_pages
+        need(pages is None or pages >= 2, "num_pages", "need at least 2 (page 0 is scratch)")
+
+    def chunk_buckets(self) -> list[int]:
+        if self.prefill_buckets:
+            return sorted(set(self.prefill_buckets) | {self.prefill_chunk})
+        return sorted({max(1, self.prefill_chunk // 16), max(1, self.prefill_chunk // 4), self.prefill_chunk})
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    """What one request produced in one step (deltas), and whether it is done."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    logprobs: list[float] | None
+    top_logprobs: list[list[tuple[int, float]]] | None
+    prompt_logprobs: list[float | None] | None
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] | None
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+
+
+@dataclasses.dataclass
+class Completion:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
+
+
+class Engine:
+    def __init__(self, model, config: EngineConfig = EngineConfig()):
+        config.validate(model.config)
+        self.model, self.config, self.tokenizer = model, config, model.tokenizer
+        self.model_config = model.config
+        steps = config.speculative_steps
+        self.pages_per_sequence = pages_for(config.max_model_len + steps, config.page_tokens)
+        num_pages = config.num_pages or config.max_running_requests * self.pages_per_sequence + 1
+        self.scheduler = Scheduler(config.max_running_requests, num_pages, config.page_tokens,
+                                   self.pages_per_sequence, config.max_model_len, steps, config.max_waiting_requests)
+        self.scratch_slot = config.max_running_requests
+        self.caches = init_caches(model.config, config.max_running_requests, num_pages, config.page_tokens, steps)
+        self.graphdef, self.params = model.graphdef, model.params
+        self.decode_buckets = (sorted(set(config.decode_buckets) | {config.max_running_requests})
+                               if config.decode_buckets else buckets(config.max_running_requests))
+        self.prefill_row_buckets = buckets(min(config.max_prefill_rows, config.max_running_requests))
+        self.chunk_buckets = config.chunk_buckets()
+        self.compiles = 0
+        self._executables: dict[tuple, object] = {}
+        self._inbox: list[Request] = []
+        self._aborts: list[str] = []
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self._seeds = np.random.default_rng(config.seed)
+        self._known: set[str] = set()
+        self.counters = dict(finished=0, aborted=0, drafted_tokens=0, accepted_tokens=0, speculative_rounds=0,
+                             steps=0)
+
+    # ---- public API -------------------------------------------------------------------------------------------
+
+    def submit(self, prompt_ids, sampling: SamplingParams = SamplingParams(), request_id: str | None = None) -> str:
+        """Queue a request; raises AdmissionError (never fits) or QueueFullError (try later). Thread-safe."""
+        prompt = [int(t) for t in prompt_ids]
+        vocab = self.model_config.vocab_size
+        if not prompt:
+            raise AdmissionError("the prompt is empty; give at least one token")
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise AdmissionError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        try:
+            sampling.validate(vocab)
+        except ValueError as error:
+            raise AdmissionError(str(error)) from None
+        if sampling.prompt_logprobs is not None and not self.config.prompt_logprobs:
+            raise AdmissionError("prompt_logprobs needs an engine started with EngineConfig(prompt_logprobs=True)")
+        with self._lock:
+            rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+            if rid in self._known:
+                raise AdmissionError(f"request id {rid!r} is already in use")
+            seed = sampling.seed if sampling.seed is not None else int(self._seeds.integers(2**31))
+            request = Request(id=rid, prompt=prompt, sampling=sampling, seed=seed)
+            self.scheduler.check(request)
+            if len(self.scheduler.waiting) + len(self._inbox) >= self.config.max_waiting_requests:
+                raise QueueFullError(f"{self.config.max_waiting_requests} requests are already waiting; retry later")
+            self._known.add(rid)
+            self._inbox.append(request)
+        return rid
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request and free its pages (idempotent); its last output has finish_reason "abort"."""
+        with self._lock:
+            self._aborts.append(request_id)
+
+    def has_unfinished(self) -> bool:
+        with self._lock:
+            return bool(self._inbox or self._aborts or self.scheduler.waiting or self.scheduler.running)
+
+    def stats(self) -> dict:
+        allocator = self.scheduler.allocator
+        return dict(running=len(self.scheduler.running), waiting=len(self.scheduler.waiting) + len(self._inbox),
+                    pages_used=allocator.total - allocator.free, pages_total=allocator.total,
+                    compiles=self.compiles, **self.counters)
+
+    def warmup(self) -> None:
+        """Compile every bucket this engine can use, so that serving never compiles."""
+        for rows in self.prefill_row_buckets:
+            for chunk in self.chunk_buckets:
+                self._executable("prefill", rows, chunk)
+        for rows in self.decode_buckets:
+            self._executable("decode", rows)
+
+    def step(self) -> list[RequestOutput]:
+        """Admit, prefill a chunk, decode; returns the outputs of every request that changed."""
+        touched: dict[str, Request] = {}
+        self._take_commands(touched)
+        self.scheduler.admit()
+        prefill = self.scheduler.prefill_rows(self.config.max_prefill_rows)
+        if prefill:
+            self._prefill(prefill, touched)
+        decode = self.scheduler.decode_rows()
+        if decode:
+            self._decode(decode, touched)
+        self.counters["steps"] += 1
+        # A request mid-prompt has nothing to report yet.
+        outputs = [self._output(r) for r in touched.values() if r.finished or not r.prefilling]
+        for request in touched.values():
+            if request.finished:
+                self.scheduler.release(request)
+                with self._lock:
+                    self._known.discard(request.id)
+                self.counters["aborted" if request.finish_reason == "abort" else "finished"] += 1
+        return outputs
+
+    def generate(self, prompts, sampling: SamplingParams | list[SamplingParams] = SamplingParams()) -> list[Completion]:
+        """Run a batch of prompts (text or token ids) to completion; results in prompt order."""
+        prompts = list(prompts)
+        params = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
+        encoded = [self.model.encode(p) for p in prompts]
+        ids = [self.submit(p, s) for p, s in zip(encoded, params)]
+        done: dict[str, Completion] = {}
+        parts: dict[str, list[RequestOutput]] = {rid: [] for rid in ids}
+        while len(done) < len(ids):
+            for out in self.step():
+                if out.request_id in parts:
+                    parts[out.request_id].append(out)
+                    if out.finished:
+                        done[out.request_id] = _join(out.request_id, encoded[ids.index(out.request_id)],
+                                                     parts[out.request_id])
+        return [done[rid] for rid in ids]
+
+    def stream(self, prompt, sampling: SamplingParams = SamplingParams()) -> Iterator[RequestOutput]:
+        """Submit one prompt and yield its outputs as steps produce them (steps the whole engine)."""
+        rid = self.submit(self.model.encode(prompt), sampling)
+        while True:
+            for out in self.step():
+                if out.request_id == rid:
+                    yield out
+                    if out.finished:
+                        return
+
+    # ---- steps ------------------------------------------------------------------------------------------------
+
+    def _take_commands(self, touched) -> None:
+        with self._lock:
+            inbox, aborts = self._inbox, self._aborts
+            self._inbox, self._aborts = [], []
+        self.scheduler.waiting.extend(inbox)
+        for rid in aborts:
+            request = self.scheduler.running.get(rid) or next((r for r in self.scheduler.waiting if r.id == rid), None)
+            if request is None or request.finished:
+                continue
+            if request in self.scheduler.waiting:
+                self.scheduler.waiting.remove(request)
+            request.finish_reason = "abort"
+            touched[rid] = request
+
+    def _batch(self, requests: list[Request], size: int) -> Batch:
+        pad = size - len(requests)
+        slots = np.asarray([r.slot for r in requests] + [self.scratch_slot] * pad, np.int32)
+        return Batch(slots=slots, starts=np.asarray([r.length for r in requests] + [0] * pad, np.int32),
+                     tables=self.scheduler.tables[slots],
+                     sampling=SamplingRows.from_params([r.sampling for r in requests] + [None] * pad,
+                                                       [r.seed for r in requests] + [0] * pad))
+
+    def _prefill(self, requests: list[Request], touched) -> None:
+        lengths = [min(len(r.prompt) - r.length, self.config.prefill_chunk) for r in requests]
+        rows = bucket_for(len(requests), self.prefill_row_buckets)
+        chunk = bucket_for(max(lengths), self.chunk_buckets)
+        ids = np.zeros((rows, chunk), np.int32)
+        next_ids = np.zeros((rows, chunk), np.int32)
+        num_new = np.zeros((rows,), np.int32)
+        final = np.zeros((rows,), bool)
+        for i, (r, n) in enumerate(zip(requests, lengths)):
+            ids[i, :n] = r.prompt[r.length:r.length + n]
+            following = r.prompt[r.length + 1:r.length + n + 1]
+            next_ids[i, :len(following)] = following
+            num_new[i], final[i] = n, r.length + n == len(r.prompt)
+        run = self._executable("prefill", rows, chunk)
+        self.caches, first, prompt = run(self.params, self.caches, self._batch(requests, rows), ids, num_new,
+                                         next_ids, final)
+        first, prompt = jax.device_get((first, prompt))
+        for i, (r, n) in enumerate(zip(requests, lengths)):
+            if r.sampling.prompt_logprobs is not None:
+                if r.length == 0:
+                    r.prompt_logprobs.append(None)
+                    r.prompt_top_logprobs.append(None)
+                count = min(n, len(r.prompt) - 1 - r.length)  # positions whose next token is in the prompt
+                r.prompt_logprobs += prompt.logprobs[i, :count].tolist()
+                r.prompt_top_logprobs += [_top(prompt, i, j, r.sampling.prompt_logprobs) for j in range(count)]
+            r.length += n
+            if final[i]:
+                self._commit(r, first, i, 1)
+            touched[r.id] = r
+
+    def _decode(self, requests: list[Request], touched) -> None:
+        rows = bucket_for(len(requests), self.decode_buckets)
+        ids = np.zeros((rows,), np.int32)
+        ids[:len(requests)] = [r.pending for r in requests]
+        active = np.arange(rows) < len(requests)
+        run = self._executable("decode", rows)
+        self.caches, out = run(self.params, self.caches, self._batch(requests, rows), ids, active)
+        out = jax.device_get(out)
+        steps = self.config.speculative_steps
+        for i, r in enumerate(requests):
+            count = int(out.count[i])
+            r.length += count  # the pending token and the accepted drafts are now processed
+            if steps:
+                self.counters["speculative_rounds"] += 1
+                self.counters["drafted_tokens"] += steps
+                self.counters["accepted_tokens"] += count - 1
+            self._commit(r, out, i, count)
+            touched[r.id] = r
+
+    def _commit(self, r: Request, out, row: int, count: int) -> None:
+        """Append emitted tokens until a stop condition; the last kept token becomes the pending one."""
+        eos = self.model_config.eos_token_id
+        for j in range(count):
+            token = int(out.tokens[row, j])
+            if (token == eos and not r.sampling.ignore_eos) or token in r.sampling.stop_token_ids:
+                r.finish_reason = "stop"
+                break
+            r.output.append(token)
+            if r.sampling.logprobs is not None:
+                r.logprobs.append(float(out.logprobs[row, j]))
+                r.top_logprobs.append(_top(out, row, j, r.sampling.logprobs))
+            if len(r.output) >= r.sampling.max_tokens:
+                r.finish_reason = "length"
+                break
+        r.pending = r.output[-1] if r.output else None
+        text = self.tokenizer.decode(r.output)
+        for stop in r.sampling.stop:
+            at = text.find(stop)
+            if at >= 0:
+                text, r.finish_reason = text[:at], "stop"
+        r.text = text
+
+    def _output(self, r: Request) -> RequestOutput:
+        # Hold back text that may still become a stop string or an incomplete UTF-8 character.
+        end = len(r.text)
+        if not r.finished:
+            end -= max((len(s) - 1 for s in r.sampling.stop), default=0)
+            while end > r.text_sent and r.text[end - 1] == "\ufffd":
+                end -= 1
+        end = max(end, r.text_sent)
+        new = slice(r.tokens_sent, len(r.output))
+        wants = r.sampling.logprobs is not None
+        send_prompt = not r.prompt_sent and r.sampling.prompt_logprobs is not None and not r.prefilling
+        output = RequestOutput(
+            request_id=r.id, token_ids=r.output[new], text=r.text[r.text_sent:end],
+            logprobs=r.logprobs[new] if wants else None, top_logprobs=r.top_logprobs[new] if wants else None,
+            prompt_logprobs=r.prompt_logprobs if send_prompt else None,
+            prompt_top_logprobs=r.prompt_top_logprobs if send_prompt else None,
+            finished=r.finished, finish_reason=r.finish_reason, num_prompt_tokens=len(r.prompt),
+            num_output_tokens=len(r.output))
+        r.text_sent, r.tokens_sent, r.prompt_sent = end, len(r.output), r.prompt_sent or send_prompt
+        return output
+
+    # ---- compiled executables ---------------------------------------------------------------------------------
+
+    def _executable(self, kind: str, rows: int, chunk: int | None = None):
+        key = (kind, rows, chunk)
+        if key not in self._executables:
+            self._executables[key] = self._compile(kind, rows, chunk)
+            self.compiles += 1
+        return self._executables[key]
+
+    def _compile(self, kind: str, rows: int, chunk: int | None):
+        batch = self._batch([], rows)
+        donate = () if jax.default_backend() == "cpu" else (1,)  # XLA:CPU cannot reuse donated buffers
+        if kind == "prefill":
+            function = functools.partial(prefill_step, self.graphdef, prompt_logprobs=self.config.prompt_logprobs)
+            ids = np.zeros((rows, chunk), np.int32)
+            example = (batch, ids, np.zeros((rows,), np.int32), ids, np.zeros((rows,), bool))
+        else:
+            steps = self.config.speculative_steps
+            function = (functools.partial(speculative_step, self.graphdef, steps=steps) if steps
+                        else functools.partial(decode_step, self.graphdef))
+            example = (batch, np.zeros((rows,), np.int32), np.zeros((rows,), bool))
+        return jax.jit(function, donate_argnums=donate).lower(self.params, self.caches, *example).compile()
+
+
+def _top(out, row: int, column: int, count: int) -> list[tuple[int, float]]:
+    return [(int(out.top_ids[row, column, i]), float(out.top_logprobs[row, column, i])) for i in range(count)]
+
+
+def _join(request_id: str, prompt: list[int], parts: list[RequestOutput]) -> Completion:
+    def joined(field):
+        values = [getattr(p, field) for p in parts]
+        return None if all(v is None for v in values) else [x for v in values if v for x in v]
+
+    prompt_part = next((p for p in parts if p.prompt_logprobs is not None), None)
+    return Completion(request_id=request_id, prompt_token_ids=prompt, token_ids=joined("token_ids") or [],
+                      text="".join(p.text for p in parts), finish_reason=parts[-1].finish_reason,
+                      logprobs=joined("logprobs"), top_logprobs=joined("top_logprobs"),
+                      prompt_logprobs=prompt_part.prompt_logprobs if prompt_part else None,
+                      prompt_top_logprobs=prompt_part.prompt_top_logprobs if prompt_part else None)

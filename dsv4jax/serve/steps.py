@@ -1,0 +1,116 @@
+"""The engine's device steps, pure functions of (graphdef, params, caches, batch, inputs) jitted once per shape
+bucket: a prefill chunk, a plain decode step (speculative decoding is in speculative.py).
+
+A batch is a bucket of rows naming cache slots; padding rows name the scratch slot and process no tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsv4jax.run import last_real
+from dsv4jax.serve import sampling
+from dsv4jax.serve.cache import EngineCaches, gather_slots, scatter_slots
+from dsv4jax.serve.sampling import SamplingRows
+
+
+def _pytree(cls):
+    return jax.tree_util.register_dataclass(dataclasses.dataclass(frozen=True)(cls))
+
+
+@_pytree
+class Batch:
+    slots: jax.Array  # [b] int32 cache slot of each row
+    starts: jax.Array  # [b] int32 tokens the target has processed (the chunk's first position)
+    tables: jax.Array  # [b, pages_per_sequence] int32 page tables
+    sampling: SamplingRows
+
+
+@_pytree
+class Emitted:
+    """Tokens chosen by a step and their raw-model logprobs; `count` [b] of the `tokens` [b, T] are real."""
+
+    tokens: jax.Array
+    count: jax.Array
+    logprobs: jax.Array  # [b, T]
+    top_ids: jax.Array  # [b, T, 20]
+    top_logprobs: jax.Array  # [b, T, 20]
+
+
+def penalty_rows(caches: EngineCaches, slots):
+    return caches.counts[slots], caches.seen[slots]
+
+
+def record_tokens(caches: EngineCaches, slots, tokens, valid) -> EngineCaches:
+    """Count emitted tokens [b, T] (where valid) for the penalties."""
+    rows = jnp.broadcast_to(slots[:, None], tokens.shape)
+    counts = caches.counts.at[rows, tokens].add(valid.astype(jnp.int32))
+    seen = caches.seen.at[rows, jnp.where(valid, tokens, caches.seen.shape[1])].set(True, mode="drop")
+    return dataclasses.replace(caches, counts=counts, seen=seen)
+
+
+def sample_next(logits, batch: Batch, counts, seen, positions):
+    """Penalties, filtering and the (seeded) choice of the token at `positions` [b]. logits [b, V] fp32."""
+    filtered = sampling.filtered_logits(sampling.apply_penalties(logits, batch.sampling, counts, seen), batch.sampling)
+    keys = sampling.position_keys(batch.sampling, positions, sampling.SAMPLE)
+    return sampling.choose(filtered, batch.sampling, keys)
+
+
+def emitted(logits, tokens, count) -> Emitted:
+    chosen, top_ids, top_values = sampling.token_logprobs(logits, tokens)
+    return Emitted(tokens=tokens, count=count, logprobs=chosen, top_ids=top_ids, top_logprobs=top_values)
+
+
+def prefill_step(graphdef: nnx.GraphDef, params, caches: EngineCaches, batch: Batch, ids, num_new, next_ids,
+                 final, prompt_logprobs: bool):
+    """One prompt chunk per row: ids [b, C] at positions starts + 0..C−1 (num_new real), next_ids [b, C] the
+    token after each (the prompt's own; unused at a prompt's last position). Rows whose prompt ends here
+    (final [b]) sample their first token. With an MTP state, the MTP module extends over the chunk too
+    (pairs (streams_t, x_{t+1}) for every t whose next token is a prompt token, ARCHITECTURE §12.1)."""
+    model = nnx.merge(graphdef, params)
+    slots, starts = batch.slots, batch.starts
+    state = gather_slots(caches.target, slots, starts, batch.tables)
+    hidden, streams, state = model(ids, state, num_new)
+    caches = dataclasses.replace(caches, target=scatter_slots(caches.target, state, slots))
+
+    # A fresh sequence starts with clean penalty rows; its prompt tokens are "seen" (repetition penalty).
+    fresh = (starts == 0)[:, None]
+    counts = jnp.where(fresh, 0, caches.counts[slots])
+    real = jnp.arange(ids.shape[1]) < num_new[:, None]
+    seen = jnp.where(fresh, False, caches.seen[slots])
+    seen = seen.at[jnp.arange(ids.shape[0])[:, None], jnp.where(real, ids, seen.shape[1])].set(True, mode="drop")
+    caches = dataclasses.replace(caches, counts=caches.counts.at[slots].set(counts), seen=caches.seen.at[slots].set(seen))
+
+    logits = model.logits(last_real(hidden, num_new))
+    token = sample_next(logits, batch, counts, seen, starts + num_new)
+    first = emitted(logits[:, None], token[:, None], final.astype(jnp.int32))
+    caches = record_tokens(caches, slots, token[:, None], final[:, None])
+
+    prompt = None
+    if prompt_logprobs:  # log p(x_{t+1} | x_≤t) for every chunk position (echo / lm-eval loglikelihood)
+        prompt = emitted(model.logits(hidden), next_ids, num_new)
+
+    if caches.mtp is not None:
+        mtp_state = gather_slots(caches.mtp, slots, starts, batch.tables)
+        _, _, mtp_state = model.mtp_forward(streams, next_ids, mtp_state, num_new - final.astype(jnp.int32))
+        caches = dataclasses.replace(caches, mtp=scatter_slots(caches.mtp, mtp_state, slots),
+                                     last_streams=caches.last_streams.at[slots].set(last_real(streams, num_new)))
+    return caches, first, prompt
+
+
+def decode_step(graphdef: nnx.GraphDef, params, caches: EngineCaches, batch: Batch, ids, active):
+    """One token per row (ids [b] at positions `starts`; inactive rows change nothing) and the next token."""
+    model = nnx.merge(graphdef, params)
+    slots = batch.slots
+    state = gather_slots(caches.target, slots, batch.starts, batch.tables)
+    hidden, _, state = model(ids[:, None], state, active.astype(jnp.int32))
+    caches = dataclasses.replace(caches, target=scatter_slots(caches.target, state, slots))
+    logits = model.logits(hidden[:, 0])
+    counts, seen = penalty_rows(caches, slots)
+    token = sample_next(logits, batch, counts, seen, batch.starts + 1)
+    caches = record_tokens(caches, slots, token[:, None], active[:, None])
+    return caches, emitted(logits[:, None], token[:, None], active.astype(jnp.int32))
