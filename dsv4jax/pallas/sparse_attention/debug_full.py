@@ -15,6 +15,7 @@ import traceback
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -29,17 +30,19 @@ LOG2E = np.log2(np.e)
 table = []
 VARIANTS = {  # name -> kernel.py globals
     "default": {},
+    "static": {"STATIC_IDX": True},
     "qchunk": {"Q_CHUNKED": True},
     "outreg": {"OUT_VIA_SMEM": False},
     "xopt0": {"EXCH_OPT": False},
     "xp0": {"EXCH_PAD": 0, "EXCH_OPT": False},
     "ids2d": {"IDS_2D": True},
-    "all": {"Q_CHUNKED": True, "EXCH_PAD": 0, "EXCH_OPT": False, "IDS_2D": True},
+    "all": {"Q_CHUNKED": True, "EXCH_PAD": 0, "EXCH_OPT": False, "IDS_2D": True, "STATIC_IDX": True},
 }
 DEFAULTS = {k: getattr(KM, k) for v in VARIANTS.values() for k in v}
 ENV = {"Q_CHUNKED": ("DSV4JAX_SA_QCHUNK", {True: "1", False: "0"}), "OUT_VIA_SMEM": ("DSV4JAX_SA_OUTREG", {True: "0", False: "1"}),
        "EXCH_OPT": ("DSV4JAX_SA_XOPT", {True: "1", False: "0"}), "EXCH_PAD": ("DSV4JAX_SA_XP", None),
-       "IDS_2D": ("DSV4JAX_SA_IDS2D", {True: "1", False: "0"})}
+       "IDS_2D": ("DSV4JAX_SA_IDS2D", {True: "1", False: "0"}),
+       "STATIC_IDX": ("DSV4JAX_SA_STATIC", {True: "1", False: "0"})}
 
 
 def env_of(cfg):
@@ -91,6 +94,51 @@ def unit_gmem_store():
     row("unit regs->GMEM store row max (M,)", rel(np.asarray(v)[1], xn.max(1)))
 
 
+def unit_qk_chunked(d, dyn):
+    """QKᵀ exactly as the kernel's chunked path: Q halves (2, M, d/2) and KV chunks (2, d/64, bk, 64), both
+    (8,32)/64B tiled and filled by TMA; one wgmma per 64-column chunk into one accumulator. dyn: the slot and
+    half indices come from a grid axis (dynamic), as in the kernel."""
+    dh, CW = d // 2, 64
+    HCH = dh // CW
+    t = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(64))
+
+    def body(q_ref, x_ref, o_ref, q_s, k_s, bar):
+        zero = lax.axis_index("x") if dyn else 0
+        slot, outs = zero + 1, []
+        for h in (0, 1):
+            hh = zero + h
+            plgpu.copy_gmem_to_smem(q_ref.at[:, pl.ds(hh * dh, dh)], q_s.at[hh], bar)
+        for c in range(d // CW):
+            plgpu.copy_gmem_to_smem(x_ref.at[:, pl.ds(c * CW, CW)], k_s.at[slot, c], bar)
+        plgpu.barrier_wait(bar)
+        for h in (0, 1):
+            hh = zero + h
+
+            def qk(acc_ref):
+                for c in range(HCH):
+                    plgpu.wgmma(acc_ref, q_s.at[hh, :, pl.ds(c * CW, CW)],
+                                plgpu.transpose_ref(k_s.at[slot, hh * HCH + c], (1, 0)))
+                return acc_ref[...]
+
+            o_ref.at[h][...] = pl.run_scoped(qk, plgpu.ACC((M, bk), jnp.float32))
+
+    k = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((2, M, bk), jnp.float32), grid=(1,), grid_names=("x",),
+                     scratch_types=[plgpu.SMEM((2, M, dh), BF, transforms=t),
+                                    plgpu.SMEM((2, d // CW, bk, CW), BF, transforms=t),
+                                    plgpu.Barrier(num_arrivals=2 + d // CW)])
+    ks = jax.random.split(jax.random.key(d), 2)
+    q = jax.random.normal(ks[0], (M, d), BF)
+    x = jax.random.normal(ks[1], (bk, d), BF)
+    name = f"unit qk chunked d={d} dyn={dyn}"
+    if LOWER_ONLY:
+        jax.jit(k).trace(q, x).lower(lowering_platforms=("cuda",))
+        return row(name, "lowered")
+    o = np.asarray(jax.block_until_ready(k(q, x)))
+    qn, xn = np.asarray(q.astype(jnp.float32)), np.asarray(x.astype(jnp.float32))
+    for h in (0, 1):
+        row(f"{name} h={h}", rel(o[h], qn[:, h * dh:(h + 1) * dh] @ xn[:, h * dh:(h + 1) * dh].T))
+
+
 def inputs(d, B, S, N, K, seed):
     ks = jax.random.split(jax.random.key(seed), 4)
     q = jax.random.normal(ks[0], (B, S, 64, d), BF)
@@ -108,7 +156,12 @@ def debug_stages(d):
     if LOWER_ONLY:
         fn.trace(q, kv, idx, sink).lower(lowering_platforms=("cuda",))
         return row(f"debug d={d}", "lowered")
-    out, ds, dv, dacc = (np.asarray(a.astype(jnp.float32)) for a in jax.block_until_ready(fn(q, kv, idx, sink)))
+    out, ds, dv, dacc, dq, dtile, dstage = (np.asarray(a.astype(jnp.float32))
+                                            for a in jax.block_until_ready(fn(q, kv, idx, sink)))
+    if os.environ.get("OUT"):
+        np.savez_compressed(os.path.join(os.environ["OUT"], f"dumps_d{d}.npz"), out=out, ds=ds, dv=dv, dacc=dacc,
+                            dq=dq, dtile=dtile, dstage=dstage, q=np.asarray(q.astype(jnp.float32)),
+                            kv=np.asarray(kv.astype(jnp.float32)), idx=np.asarray(idx), sink=np.asarray(sink))
     ref = np.asarray(sparse_attention_reference(q.astype(jnp.float32), kv.astype(jnp.float32), idx, sink, scale))
     qn, kvn, idn, sn = (np.asarray(a.astype(jnp.float32)) if a.dtype != jnp.int32 else np.asarray(a)
                         for a in (q, kv, idx, sink))
@@ -126,8 +179,18 @@ def debug_stages(d):
         s_all = np.where(ids[None] >= 0, s_all, -np.inf)
         m_fin = np.maximum(sn * LOG2E, s_all.max(1))
         l_fin = np.exp2(s_all - m_fin[:, None]).sum(1) + np.exp2(sn * LOG2E - m_fin)
+        tile_rows = dtile[t].transpose(1, 0, 2).reshape(bk, d)  # (d/CW, bk, CW) chunks -> (bk, d)
+        for k, v in {"staging dump vs gathered rows": rel(dstage[t].reshape(bk, d), rows),
+                     "tiled dump vs gathered rows": rel(tile_rows, rows)}.items():
+            worst[k] = max(worst.get(k, 0.0), v)
         for h in (0, 1):
             so, sx, sm, vd, p = ds[t, h]
+            for k, v in {"Q dump vs q half": rel(dq[t, h], qt[:, h * dh:(h + 1) * dh]),
+                         "s_own vs Q dump . tiled dump^T": rel(so, dq[t, h] @ tile_rows[:, h * dh:(h + 1) * dh].T)
+                         }.items():
+                worst[k] = max(worst.get(k, 0.0), v)
+                if v > 1e-2:
+                    print(f"  d={d} t={t} h={h} {k}: {v:.2e}", flush=True)
             m0, m1, l1, lf = dv[t, h]
             checks = {
                 "s_own vs Q_h K_h^T": rel(so, own[h]),
@@ -144,6 +207,8 @@ def debug_stages(d):
             }
             for k, v in checks.items():
                 worst[k] = max(worst.get(k, 0.0), v)
+                if v > 1e-2:
+                    print(f"  d={d} t={t} h={h} {k}: {v:.2e}", flush=True)
     for k, v in worst.items():
         row(f"debug d={d} {k}", v)
     row(f"debug d={d} output vs reference", rel(out, ref))
@@ -154,7 +219,7 @@ def full(variant, cfg):
         setattr(KM, k, cfg.get(k, v))
     jax.clear_caches()
     ok = True
-    for d, B, S, N, K in ((128, 1, 4, 300, 96), (512, 1, 4, 300, 96), (512, 2, 1, 700, 640)):
+    for d, B, S, N, K in ((128, 1, 1, 300, 96), (128, 1, 4, 300, 96), (512, 1, 4, 300, 96), (512, 2, 1, 700, 640)):
         name = f"full {variant} d={d} B={B} S={S} K={K}"
         try:
             q, kv, idx, sink = inputs(d, B, S, N, K, d + K)
@@ -178,6 +243,9 @@ def full(variant, cfg):
 def main():
     print(jax.__version__, jax.devices(), flush=True)
     guarded("unit regs->GMEM store", unit_gmem_store)
+    for d in (128, 512):
+        for dyn in (False, True):
+            guarded(f"unit qk chunked d={d} dyn={dyn}", lambda d=d, dyn=dyn: unit_qk_chunked(d, dyn))
     for d in (128, 512):
         guarded(f"debug d={d}", lambda d=d: debug_stages(d))
     only = os.environ.get("VARIANTS")

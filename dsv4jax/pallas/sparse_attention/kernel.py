@@ -41,6 +41,8 @@ Q_CHUNKED = _os.environ.get("DSV4JAX_SA_QCHUNK", "0") == "1"
 EXCH_PAD = int(_os.environ.get("DSV4JAX_SA_XP", "8"))
 IDS_2D = _os.environ.get("DSV4JAX_SA_IDS2D", "0") == "1"
 EXCH_OPT = _os.environ.get("DSV4JAX_SA_XOPT", "1") == "1"  # bank-conflict-avoiding plan for the exchange load
+# Static SMEM indices: one code path per compute warpgroup and the block loop unrolled by the buffer count.
+STATIC_IDX = _os.environ.get("DSV4JAX_SA_STATIC", "0") == "1"
 HEADS_PER_CTA = 64  # wgmma M of one warpgroup
 
 
@@ -65,7 +67,8 @@ def unsupported_reason(q, kv, indices, sink) -> str | None:
 def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False):
     """debug=True adds three outputs, stored straight from registers (per token and compute warpgroup h):
     [T, 2, 5, M, bk] f32 for block 0: own partial scores, the other WG's, masked scaled scores, valid, P;
-    [T, 2, 4, M] f32: m before / after block 0, l after block 0, final l; [T, 2, M, d/2] f32: final acc."""
+    [T, 2, 4, M] f32: m before / after block 0, l after block 0, final l; [T, 2, M, d/2] f32: final acc;
+    by TMA from SMEM: [T, 2, M, d/2] the Q halves, [T, d/CW, bk, CW] block 0's tiled chunks, its staging."""
     G = Hp // HEADS_PER_CTA
     dh = d // 2
     nblk = Kp // bk
@@ -99,7 +102,7 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False):
     def body(q_ref, kv_ref, idx_ref, sink_ref, out_ref, *rest):
         dbg = None
         if debug:
-            dbg, rest = rest[:3], rest[3:]
+            dbg, rest = rest[:6], rest[6:]
         (q_smem, stage, tiled, exch, idx_smem, sink_smem,
          q_bar, idx_bar, stage_bar, ready_bar, free_bar, x_bar, xfree_bar) = rest
         tok = lax.axis_index("th") * TL + lax.axis_index("tl")
@@ -110,10 +113,8 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False):
         def q_chunk(h, c):  # A operand of QKᵀ: 64 columns of this WG's Q half
             return q_smem.at[h, c] if Q_CHUNKED else q_smem.at[h, :, pl.ds(c * CW, CW)]
 
-        @pl.when(wg < 2)
-        def _compute():
+        def compute(h):  # h: this warpgroup's half of d (a Python int under STATIC_IDX)
             plgpu.set_max_registers(232, action="increase")
-            h = wg
             if Q_CHUNKED:
                 for c in range(HCH):
                     plgpu.copy_gmem_to_smem(q_ref.at[tok, pl.ds(grp * M, M), pl.ds(h * dh + c * CW, CW)],
@@ -123,13 +124,19 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False):
                                         q_bar.at[h])
             plgpu.copy_gmem_to_smem(sink_ref.at[grp], sink_smem.at[h], q_bar.at[h])
             plgpu.barrier_wait(q_bar.at[h])
+            if debug:
+                if Q_CHUNKED:
+                    for c in range(HCH):
+                        plgpu.copy_smem_to_gmem(q_smem.at[h, c], dbg[3].at[tok, h, :, pl.ds(c * CW, CW)])
+                else:
+                    plgpu.copy_smem_to_gmem(q_smem.at[h], dbg[3].at[tok, h])
+                plgpu.wait_smem_to_gmem(0)
             m0 = load(sink_smem.at[h], plgpu.Layout.WGMMA.reduce(1))  # sink·log2e
             l0 = cast(jnp.full((M,), 1.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
             acc0 = cast(jnp.zeros((M, dh), jnp.float32), plgpu.Layout.WGMMA)
 
-            def step(j, carry):
+            def step(j, slot, carry):
                 acc, m_i, l_i = carry
-                slot = lax.rem(j, NT)
                 plgpu.barrier_wait(ready_bar.at[slot])
                 kv_half = None if TILED_CHUNKED else tiled.at[slot, :, pl.ds(h * dh, dh)]
 
@@ -200,7 +207,19 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False):
                 plgpu.barrier_arrive(free_bar.at[slot])
                 return acc, m_new, l_new
 
-            acc, m_i, l_i = lax.fori_loop(0, nblk, step, (acc0, m0, l0))
+            carry = (acc0, m0, l0)
+            if STATIC_IDX:
+                def pair(i, carry):
+                    for sl in range(NT):
+                        carry = step(i * NT + sl, sl, carry)
+                    return carry
+
+                carry = lax.fori_loop(0, nblk // NT, pair, carry)
+                for sl in range(nblk % NT):
+                    carry = step(nblk // NT * NT + sl, sl, carry)
+            else:
+                carry = lax.fori_loop(0, nblk, lambda j, c: step(j, lax.rem(j, NT), c), carry)
+            acc, m_i, l_i = carry
             plgpu.barrier_wait(xfree_bar)  # observe the last exchange phase (barriers end fully observed)
             if debug:
                 dbg[1].at[tok, h, 3][...] = l_i
@@ -221,6 +240,12 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False):
                 plgpu.wait_smem_to_gmem(0)
             else:
                 out_dst[...] = acc.astype(dtype)
+
+        if STATIC_IDX:
+            for hh in range(2):
+                pl.when(wg == hh)(functools.partial(compute, hh))
+        else:
+            pl.when(wg < 2)(lambda: compute(wg))
 
         @pl.when(wg == 2)
         def _memory():
@@ -246,11 +271,13 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False):
             for i in range(min(NS, nblk)):
                 gather(i, i)
 
-            @pl.loop(0, nblk)
-            def _(j):
-                s_slot = lax.rem(j, NS)
-                t_slot = lax.rem(j, NT)
+            def convert(j, s_slot, t_slot):
                 plgpu.barrier_wait(stage_bar.at[s_slot])
+                if debug:
+                    @pl.when(j == 0)
+                    def _():
+                        plgpu.copy_smem_to_gmem(stage.at[s_slot], dbg[5].at[tok])
+                        plgpu.wait_smem_to_gmem(0)
 
                 @pl.when(j >= NT)
                 def _():
@@ -267,11 +294,31 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False):
                     else:
                         tiled.at[t_slot, :, pl.ds(c * CW, CW)][...] = vals
                 plgpu.commit_smem()
+                if debug:
+                    @pl.when(j == 0)
+                    def _():
+                        for c in range(NCH):
+                            plgpu.copy_smem_to_gmem(tiled.at[t_slot, c], dbg[4].at[tok, c])
+                        plgpu.wait_smem_to_gmem(0)
                 plgpu.barrier_arrive(ready_bar.at[t_slot])
 
                 @pl.when(j + NS < nblk)
                 def _():
                     gather(j + NS, s_slot)
+
+            assert NS == NT
+            if STATIC_IDX:
+                @pl.loop(0, nblk // NT)
+                def _(i):
+                    for sl in range(NT):
+                        convert(i * NT + sl, sl, sl)
+
+                for sl in range(nblk % NT):
+                    convert(nblk // NT * NT + sl, sl, sl)
+            else:
+                @pl.loop(0, nblk)
+                def _(j):
+                    convert(j, lax.rem(j, NS), lax.rem(j, NT))
 
             for j in range(max(nblk - NT, 0), nblk):  # observe the last blocks' releases
                 plgpu.barrier_wait(free_bar.at[j % NT])
@@ -298,7 +345,9 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False):
     out_type = jax.ShapeDtypeStruct((T, Hp, d), dtype)
     if debug:
         out_type = (out_type, jax.ShapeDtypeStruct((T, 2, 5, M, bk), jnp.float32),
-                    jax.ShapeDtypeStruct((T, 2, 4, M), jnp.float32), jax.ShapeDtypeStruct((T, 2, M, dh), jnp.float32))
+                    jax.ShapeDtypeStruct((T, 2, 4, M), jnp.float32), jax.ShapeDtypeStruct((T, 2, M, dh), jnp.float32),
+                    jax.ShapeDtypeStruct((T, 2, M, dh), dtype), jax.ShapeDtypeStruct((T, NCH, bk, CW), dtype),
+                    jax.ShapeDtypeStruct((T, bk, d // RW, RW), dtype))
     call = plgpu.kernel(
         body,
         out_type=out_type,
