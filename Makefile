@@ -1,10 +1,11 @@
-# Two entry points: `make generate` (sets up .venv, prints a continuation from the default model) and `make test`.
+# Entry points: `make serve` (sets up .venv, serves the default model on 127.0.0.1:8000, OpenAI-compatible),
+# `make generate` (prints a continuation from the default model) and `make test`.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: generate test setup clean
+.PHONY: serve generate test setup clean
 
 $(STAMP): requirements.lock requirements-test.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -13,6 +14,9 @@ $(STAMP): requirements.lock requirements-test.lock pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+serve: $(STAMP)
+	$(PY) -m dsv4jax.serve --host 127.0.0.1 --port 8000
 
 generate: $(STAMP)
 	$(PY) -m dsv4jax.generate --prompt "DeepSeek-V4 in JAX:" --max-new-tokens 24

@@ -1,0 +1,121 @@
+"""`python -m dsv4jax.serve`: the OpenAI-compatible server (issue #5; SERVING.md §D).
+
+    python -m dsv4jax.serve                       # the repository's default model on 127.0.0.1:8000
+    python -m dsv4jax.serve --model DIR --max-model-len 8192 --max-running-requests 16 --speculative-steps 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+log = logging.getLogger("dsv4jax.serve")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m dsv4jax.serve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="checkpoint directory with config.json, safetensors and "
+                        "tokenizer.json (official or HF naming); default: the repository's default model")
+    parser.add_argument("--served-model-name", default=None, help="the name in /v1/models and responses "
+                        "(default: the model's own name)")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None)
+    parser.add_argument("--mesh", default=None, help="device mesh such as dp=1,cp=1,tp=1,ep=1 (omitted axes are 1)")
+    parser.add_argument("--cp-mode", choices=["round-robin", "zigzag"], default="round-robin",
+                        help="context-parallel token split for prefill")
+    parser.add_argument("--speculative-steps", type=int, default=0, help="MTP draft tokens per step (0: off, 1-3)")
+    parser.add_argument("--max-model-len", type=int, default=4096, help="prompt + generated tokens of one request")
+    parser.add_argument("--max-running-requests", type=int, default=8, help="requests decoding at once")
+    parser.add_argument("--max-waiting-requests", type=int, default=256,
+                        help="queued requests beyond which the server answers 503")
+    parser.add_argument("--page-tokens", type=int, default=256, help="positions per cache page")
+    parser.add_argument("--prefill-chunk", type=int, default=256, help="most prompt tokens per request per step")
+    parser.add_argument("--max-prefill-rows", type=int, default=None, help="requests prefilled together in one step")
+    parser.add_argument("--prefill-buckets", default=None, help="prefill chunk lengths to compile, comma-separated "
+                        "(fewer buckets: faster start, more padding)")
+    parser.add_argument("--default-chat-template-kwargs", default=None,
+                        help='chat defaults as JSON, e.g. \'{"thinking": true}\' (SERVING.md §D.2)')
+    parser.add_argument("--no-warmup", action="store_true", help="skip compiling every shape before serving")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+def check_mesh(spec: str | None, cp_mode: str):
+    """The mesh of --mesh/--cp-mode, checked against the devices. The engine runs on one device for now."""
+    from dsv4jax.sharding import parse_mesh_spec
+
+    if spec is None:
+        return None
+    mesh = parse_mesh_spec(spec, cp_mode=cp_mode.replace("-", "_"))
+    if mesh.size != 1:
+        raise ValueError(f"--mesh {spec}: the serving engine runs on one device for now; serve with --mesh "
+                         f"dp=1,cp=1,tp=1,ep=1 (or no --mesh) until it gains a sharded path")
+    return mesh
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        template_defaults = json.loads(args.default_chat_template_kwargs or "{}")
+        if not isinstance(template_defaults, dict) or set(template_defaults) - {"thinking"}:
+            raise ValueError("only {\"thinking\": true|false} is supported")
+    except ValueError as error:
+        print(f"error: --default-chat-template-kwargs: {error}", file=sys.stderr)
+        return 2
+
+    import uvicorn
+
+    import dsv4jax
+    from dsv4jax.checkpoint.errors import CheckpointError
+    from dsv4jax.serve.app import build_app
+    from dsv4jax.serve.async_engine import AsyncEngine
+    from dsv4jax.serve.engine import Engine, EngineConfig
+    from dsv4jax.serve.metrics import ServerMetrics
+    from dsv4jax.sharding import MeshError
+
+    try:
+        check_mesh(args.mesh, args.cp_mode)
+        start = time.perf_counter()
+        print(f"loading {args.model or 'the default model'} ...", file=sys.stderr, flush=True)
+        model = dsv4jax.load(args.model, dtype=args.dtype, progress=True)
+        tuning = {}
+        if args.max_prefill_rows is not None:
+            tuning["max_prefill_rows"] = args.max_prefill_rows
+        if args.prefill_buckets:
+            tuning["prefill_buckets"] = tuple(int(b) for b in args.prefill_buckets.split(","))
+        config = EngineConfig(max_running_requests=args.max_running_requests, max_model_len=args.max_model_len,
+                              page_tokens=args.page_tokens, prefill_chunk=args.prefill_chunk,
+                              speculative_steps=args.speculative_steps,
+                              max_waiting_requests=args.max_waiting_requests, **tuning)
+        engine = Engine(model, config)
+        print(f"loaded {model.name} in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
+        if not args.no_warmup:
+            start = time.perf_counter()
+            print("compiling every shape bucket (warm-up) ...", file=sys.stderr, flush=True)
+            engine.warmup()
+            print(f"warm-up done in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
+    except (dsv4jax.ConfigError, CheckpointError, MeshError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    metrics = ServerMetrics()
+    async_engine = AsyncEngine(engine, metrics).start()
+    names = [args.served_model_name] if args.served_model_name else [model.name]
+    app = build_app(async_engine, model, served_names=names, max_model_len=args.max_model_len,
+                    default_thinking=bool(template_defaults.get("thinking", False)))
+    print(f"serving {names[0]!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    finally:
+        async_engine.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
