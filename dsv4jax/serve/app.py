@@ -3,7 +3,7 @@
 Endpoints: POST /v1/completions (text, token ids, batches; echo with prompt logprobs for lm-evaluation-harness's
 `local-completions`, §E), POST /v1/chat/completions (the V4 encoding of §D.2: thinking toggle, reasoning split,
 DSML tool calls), both streamed as SSE when asked (ending in a usage chunk with `stream_options.include_usage`, then
-`[DONE]`); GET /v1/models, /health, /metrics; POST /tokenize, /detokenize.
+`[DONE]`); GET /v1/models, /health, /metrics, /server_info; POST /tokenize, /detokenize.
 
 Every request is validated whole before anything is submitted, so a bad one changes nothing; a full queue answers
 503 with Retry-After; a client that goes away aborts its requests (their cache pages come back).
@@ -401,8 +401,8 @@ async def completions(request: Request) -> Response:
                                        logprobs=list(output.logprobs),
                                        top=list(output.top_logprobs or [[] for _ in output.token_ids]))
                         logprobs = _completion_logprobs(state, req, part, None)
-                    if not text and logprobs is None and not output.finished:
-                        continue
+                    if not text and logprobs is None and not output.finished and not continuous:
+                        continue  # nothing to show yet (with continuous usage, the token count still moves)
                     body = {"id": completion_id, "object": "text_completion", "created": created,
                             "model": model_name,
                             "choices": [{"index": index, "text": text, "logprobs": logprobs,
@@ -627,6 +627,27 @@ async def models(request: Request) -> Response:
          "max_model_len": state.max_model_len} for name in state.served_names]})
 
 
+async def server_info(request: Request) -> Response:
+    """What a benchmark records beside its figures (SGLang has the same route): device, versions, engine
+    configuration and counters, and the mean accepted length per speculative step."""
+    import dataclasses
+
+    import jax
+
+    state: ServerState = request.app.state.server
+    stats = state.engine.stats()
+    engine_config = getattr(state.engine.engine, "config", None)
+    rounds = stats.get("speculative_rounds", 0)
+    device = jax.devices()[0]
+    return _json_response({
+        "model": state.served_names[0], "served_model_names": state.served_names,
+        "max_model_len": state.max_model_len, "vocab_size": state.vocab_size, "device": getattr(device, "device_kind", device.platform),
+        "device_count": jax.device_count(), "jax": jax.__version__,
+        "engine_config": dataclasses.asdict(engine_config) if dataclasses.is_dataclass(engine_config) else None,
+        "stats": stats,
+        "avg_spec_accept_length": 1 + stats.get("accepted_tokens", 0) / rounds if rounds else None})
+
+
 async def health(request: Request) -> Response:
     state: ServerState = request.app.state.server
     if state.engine.healthy:
@@ -687,6 +708,7 @@ def build_app(engine: AsyncEngine, model, *, served_names: list[str] | None = No
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
+        Route("/server_info", server_info, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/tokenize", tokenize, methods=["POST"]),
         Route("/detokenize", detokenize, methods=["POST"]),
