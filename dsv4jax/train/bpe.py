@@ -16,10 +16,14 @@ SPECIAL_TOKENS = [
     "</think>",
     "｜DSML｜",
     "<｜latest_reminder｜>",
-    "<｜action｜>",
+    "<｜action｜>",  # quick-instruction task tokens of the V4 encoder (encoding_dsv4.py)
     "<｜query｜>",
     "<tool_result>",
     "</tool_result>",
+    "<｜authority｜>",
+    "<｜domain｜>",
+    "<｜title｜>",
+    "<｜read_url｜>",
 ]
 
 
