@@ -69,6 +69,11 @@ def test_loss_falls_bias_balances_and_resume_is_exact(tokens, tmp_path):
                     jax.tree.leaves((resumed["params"], resumed["opt_state"]))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
+    # A time budget fixes the horizon after the calibration steps (budget 0: stop right there) and records it.
+    trainer.set(steps=1000)
+    budget_state, budget_history = train(trainer, tokens, progress=False, time_budget=0.0, calibration_steps=2)
+    assert len(budget_history) == 3 and trainer.train.steps == 3 and int(budget_state["total_steps"]) == 3
+
 
 def test_schedule_warmup_then_cosine():
     cfg = TrainConfig(steps=100, learning_rate=1.0, warmup_steps=10, min_learning_rate_ratio=0.1)
