@@ -18,10 +18,11 @@ import openai
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# Small and cheap on CPU: one prefill shape, decode buckets 1/2/4 (four compiles at warm-up). float32 so that the
+# Small and cheap on CPU: one prefill shape and one decode shape (two compiles at warm-up). float32 so that the
 # engine's logprobs can be held to the model's own log-softmax tightly.
-SERVER_ARGS = ["--dtype", "float32", "--max-model-len", "512", "--page-tokens", "128", "--prefill-chunk", "64", "--prefill-buckets", "64",
-               "--max-prefill-rows", "1", "--max-running-requests", "4", "--max-waiting-requests", "64"]
+SERVER_ARGS = ["--dtype", "float32", "--max-model-len", "512", "--page-tokens", "128", "--prefill-chunk", "64",
+               "--prefill-buckets", "64", "--max-prefill-rows", "1", "--max-running-requests", "4",
+               "--decode-buckets", "4", "--max-waiting-requests", "64"]
 MAX_MODEL_LEN = 512
 LOGPROB_TOLERANCE = 1e-3  # paged engine vs one full forward, both float32
 

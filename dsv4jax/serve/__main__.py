@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-prefill-rows", type=int, default=None, help="requests prefilled together in one step")
     parser.add_argument("--prefill-buckets", default=None, help="prefill chunk lengths to compile, comma-separated "
                         "(fewer buckets: faster start, more padding)")
+    parser.add_argument("--decode-buckets", default=None, help="decode batch sizes to compile, comma-separated "
+                        "(default: powers of two up to --max-running-requests)")
     parser.add_argument("--default-chat-template-kwargs", default=None,
                         help='chat defaults as JSON, e.g. \'{"thinking": true}\' (SERVING.md §D.2)')
     parser.add_argument("--no-warmup", action="store_true", help="skip compiling every shape before serving")
@@ -87,8 +89,9 @@ def main(argv=None) -> int:
         tuning = {}
         if args.max_prefill_rows is not None:
             tuning["max_prefill_rows"] = args.max_prefill_rows
-        if args.prefill_buckets:
-            tuning["prefill_buckets"] = tuple(int(b) for b in args.prefill_buckets.split(","))
+        for name in ("prefill_buckets", "decode_buckets"):
+            if getattr(args, name):
+                tuning[name] = tuple(int(b) for b in getattr(args, name).split(","))
         config = EngineConfig(max_running_requests=args.max_running_requests, max_model_len=args.max_model_len,
                               page_tokens=args.page_tokens, prefill_chunk=args.prefill_chunk,
                               speculative_steps=args.speculative_steps,
