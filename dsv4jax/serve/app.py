@@ -352,9 +352,11 @@ async def completions(request: Request) -> Response:
     req = parse_body(CompletionRequest, await _read_body(request))
     model_name = _check_model(state, req.model)
     tokenizer = state.model.tokenizer
+    given = req.prompts()
+    max_tokens = 16 if req.max_tokens is None else req.max_tokens  # OpenAI's default
     prompts, prompt_texts = [], []
-    for i, prompt in enumerate(req.prompts()):
-        where = "prompt" if len(req.prompts()) == 1 else f"prompt[{i}]"
+    for i, prompt in enumerate(given):
+        where = "prompt" if len(given) == 1 else f"prompt[{i}]"
         if isinstance(prompt, str):
             if not prompt:
                 raise APIError(400, f"{where} is empty: send some text", param="prompt")
@@ -366,10 +368,8 @@ async def completions(request: Request) -> Response:
         else:
             ids = _check_ids(state, list(prompt), where)
             prompt_texts.append(tokenizer.decode(ids))
-        max_tokens = 16 if req.max_tokens is None else req.max_tokens
         _check_room(state, len(ids), max_tokens, where)
         prompts.append(ids)
-    max_tokens = 16 if req.max_tokens is None else req.max_tokens
     echo_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
     prompt_logprobs = req.prompt_logprobs if req.prompt_logprobs is not None else echo_logprobs
     samplings = [_sampling(state, req, max_tokens=max_tokens, seed_offset=j, logprobs=req.logprobs,
