@@ -641,7 +641,8 @@ async def server_info(request: Request) -> Response:
     device = jax.devices()[0]
     return _json_response({
         "model": state.served_names[0], "served_model_names": state.served_names,
-        "max_model_len": state.max_model_len, "vocab_size": state.vocab_size, "device": getattr(device, "device_kind", device.platform),
+        "max_model_len": state.max_model_len, "vocab_size": state.vocab_size,
+        "device": getattr(device, "device_kind", device.platform),
         "device_count": jax.device_count(), "jax": jax.__version__,
         "engine_config": dataclasses.asdict(engine_config) if dataclasses.is_dataclass(engine_config) else None,
         "stats": stats,

@@ -418,7 +418,8 @@ class OutputParser:
             self.buffer = self.buffer[calls.end():]
             self.state = "calls"
             return True
-        held = 0 if final else _held_prefix(self.buffer, (THINK_END,) + (_CALLS_OPEN_MARKERS if self.parse_tools else ()))
+        markers = (THINK_END,) + (_CALLS_OPEN_MARKERS if self.parse_tools else ())
+        held = 0 if final else _held_prefix(self.buffer, markers)
         self._emit(events, "reasoning", self.buffer[:len(self.buffer) - held])
         self.buffer = self.buffer[len(self.buffer) - held:]
         return False
