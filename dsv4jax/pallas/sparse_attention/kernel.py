@@ -43,6 +43,8 @@ IDS_2D = _os.environ.get("DSV4JAX_SA_IDS2D", "0") == "1"
 EXCH_OPT = _os.environ.get("DSV4JAX_SA_XOPT", "1") == "1"  # bank-conflict-avoiding plan for the exchange load
 # Static SMEM indices: one code path per compute warpgroup and the block loop unrolled by the buffer count.
 STATIC_IDX = _os.environ.get("DSV4JAX_SA_STATIC", "0") == "1"
+CONV_W = int(_os.environ.get("DSV4JAX_SA_CW", "64"))  # column chunk width of the tiled buffer (64 or 128)
+STAGE_2D = _os.environ.get("DSV4JAX_SA_STAGE2D", "0") == "1"  # staging (bk, d) per slot, TMAs of <=256 columns
 HEADS_PER_CTA = 64  # wgmma M of one warpgroup
 
 
@@ -74,12 +76,13 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False):
     nblk = Kp // bk
     NS = 2  # staging buffers (row gathers in flight)
     NT = 2  # tiled buffers (wgmma operands)
-    CW = 64  # conversion chunk width (columns)
+    CW = min(CONV_W, d // 2)  # conversion chunk width (columns)
     M = HEADS_PER_CTA
     XP = EXCH_PAD  # exchange row padding (bank conflicts)
     TL = T if T <= 32768 else 1024  # CUDA grid y/z dimensions stop at 65535: tokens as (T/TL, TL)
     assert T % TL == 0
     RW = CW if STAGE_CONTIG else min(d, 256)  # a TMA box has at most 256 elements per dimension
+    PW = min(d, 256)  # STAGE_2D: columns per row TMA
     NCH = d // CW  # column chunks of the tiled buffer
     HCH = NCH // 2  # chunks per half
     IC = next(c for c in (256, 128, 64, 32) if Kp % c == 0)  # index chunk per TMA
@@ -264,6 +267,10 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False):
                         for k in range(d // RW):
                             plgpu.copy_gmem_to_smem(kv_ref.at[kv_b, pl.ds(row, 1), k], stage.at[slot, k, pl.ds(r, 1)],
                                                     stage_bar.at[slot])
+                    elif STAGE_2D:
+                        for k in range(d // PW):
+                            plgpu.copy_gmem_to_smem(kv_ref.at[kv_b, pl.ds(row, 1), pl.ds(k * PW, PW)],
+                                                    stage.at[slot, pl.ds(r, 1), pl.ds(k * PW, PW)], stage_bar.at[slot])
                     else:
                         plgpu.copy_gmem_to_smem(kv_ref.at[kv_b, pl.ds(row, 1)], stage.at[slot, pl.ds(r, 1)],  # one TMA
                                                 stage_bar.at[slot])
@@ -286,6 +293,8 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False):
                 for c in range(d // CW):
                     if STAGE_CONTIG:
                         src = stage.at[s_slot, c]
+                    elif STAGE_2D:
+                        src = stage.at[s_slot, :, pl.ds(c * CW, CW)]
                     else:
                         src = stage.at[s_slot, :, (c * CW) // RW, pl.ds((c * CW) % RW, CW)]
                     vals = load(src, copy_layout, optimized=False)
@@ -326,14 +335,16 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False):
     HCH_ = d // 2 // CW
     scratch = [
         plgpu.SMEM((2, HCH_, M, CW) if Q_CHUNKED else (2, M, dh), dtype, transforms=tiled_t),  # Q halves, then out
-        plgpu.SMEM((NS, d // RW, bk, RW) if STAGE_CONTIG else (NS, bk, d // RW, RW), dtype),  # staging (row gathers)
+        plgpu.SMEM((NS, d // RW, bk, RW) if STAGE_CONTIG else (NS, bk, d) if STAGE_2D else (NS, bk, d // RW, RW),
+                   dtype),  # staging (row gathers)
         plgpu.SMEM((NT, NCH, bk, CW) if TILED_CHUNKED else (NT, bk, d), dtype, transforms=tiled_t),  # wgmma operand
         plgpu.SMEM((2, M, bk + XP), jnp.float32),  # partial-score exchange (rows padded: no bank conflicts)
         plgpu.SMEM((nblk, bk) if IDS_2D else (Kp,), jnp.int32),
         plgpu.SMEM((2, M), jnp.float32),
         plgpu.Barrier(num_arrivals=1 + (HCH_ if Q_CHUNKED else 1), num_barriers=2),  # q_bar: Q + sink
         plgpu.Barrier(num_arrivals=Kp // IC),  # idx_bar
-        plgpu.Barrier(num_arrivals=bk * (d // RW if STAGE_CONTIG else 1), num_barriers=NS),  # stage_bar: row copies
+        plgpu.Barrier(num_arrivals=bk * (d // RW if STAGE_CONTIG else d // PW if STAGE_2D else 1),
+                      num_barriers=NS),  # stage_bar: row copies
         plgpu.Barrier(num_barriers=NT),  # ready_bar
         plgpu.Barrier(num_arrivals=2, num_barriers=NT),  # free_bar
         plgpu.Barrier(num_arrivals=2),  # x_bar
@@ -347,7 +358,8 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False):
         out_type = (out_type, jax.ShapeDtypeStruct((T, 2, 5, M, bk), jnp.float32),
                     jax.ShapeDtypeStruct((T, 2, 4, M), jnp.float32), jax.ShapeDtypeStruct((T, 2, M, dh), jnp.float32),
                     jax.ShapeDtypeStruct((T, 2, M, dh), dtype), jax.ShapeDtypeStruct((T, NCH, bk, CW), dtype),
-                    jax.ShapeDtypeStruct((T, bk, d // RW, RW), dtype))
+                    jax.ShapeDtypeStruct((T, d // RW, bk, RW) if STAGE_CONTIG else (T, bk, d) if STAGE_2D
+                                         else (T, bk, d // RW, RW), dtype))
     call = plgpu.kernel(
         body,
         out_type=out_type,
@@ -391,8 +403,9 @@ def sparse_attention_kernel(q, kv, indices, sink, scale: float, bk: int = 32, in
         qf = jnp.pad(qf, ((0, Tp - T), (0, 0), (0, 0)))
         idx = jnp.pad(idx, ((0, Tp - T), (0, 0)), constant_values=-1)
     call = _build(Tp, S, Hp, d, N, Bk, Kp, q.dtype, float(scale), bk, interpret, debug=debug)
-    rw = 64 if STAGE_CONTIG else min(d, 256)
-    out = call(qf, kv.reshape(Bk, N, d // rw, rw), idx, sinkf.reshape(Hp // HEADS_PER_CTA, HEADS_PER_CTA))
+    rw = min(CONV_W, d // 2) if STAGE_CONTIG else d if STAGE_2D else min(d, 256)
+    kvr = kv if STAGE_2D else kv.reshape(Bk, N, d // rw, rw)
+    out = call(qf, kvr, idx, sinkf.reshape(Hp // HEADS_PER_CTA, HEADS_PER_CTA))
     if debug:
         out, *dumps = out
         return (out[:T, :H].reshape(B, S, H, d), *dumps)
