@@ -44,6 +44,7 @@ class EngineConfig:
     prefill_buckets: tuple[int, ...] = ()  # chunk lengths compiled; () = prefill_chunk/16, /4, /1
     max_prefill_rows: int = 4  # requests prefilled together in one step
     decode_buckets: tuple[int, ...] = ()  # batch sizes compiled for decode; () = powers of two up to max_running
+    prefill_row_buckets: tuple[int, ...] = ()  # the same for prefill rows, up to max_prefill_rows
     speculative_steps: int = 0  # MTP drafts per step (0: off, 1–3)
     max_waiting_requests: int = 256
     prompt_logprobs: bool = True  # compile prefill with per-token prompt logprobs (echo); False skips that LM head
@@ -67,12 +68,21 @@ class EngineConfig:
         need(self.max_prefill_rows >= 1, "max_prefill_rows", "need at least 1")
         need(all(1 <= b <= self.max_running_requests for b in self.decode_buckets), "decode_buckets",
              f"each bucket must lie in [1, max_running_requests={self.max_running_requests}]")
+        need(all(1 <= b <= self.prefill_rows for b in self.prefill_row_buckets), "prefill_row_buckets",
+             f"each bucket must lie in [1, min(max_prefill_rows, max_running_requests)={self.prefill_rows}]")
         need(0 <= self.speculative_steps <= 3, "speculative_steps", "MTP speculation takes 0 (off) to 3 steps")
         need(self.speculative_steps == 0 or model_config.num_mtp_layers > 0, "speculative_steps",
              "the model has no MTP layer; use 0")
         need(self.max_waiting_requests >= 0, "max_waiting_requests", "need ≥ 0")
         pages = self.num_pages
         need(pages is None or pages >= 2, "num_pages", "need at least 2 (page 0 is scratch)")
+
+    @property
+    def prefill_rows(self) -> int:
+        return min(self.max_prefill_rows, self.max_running_requests)
+
+    def row_buckets(self, limit: int, chosen: tuple[int, ...]) -> list[int]:
+        return sorted(set(chosen) | {limit}) if chosen else buckets(limit)
 
     def chunk_buckets(self) -> list[int]:
         if self.prefill_buckets:
@@ -123,9 +133,8 @@ class Engine:
         self.scratch_slot = config.max_running_requests
         self.caches = init_caches(model.config, config.max_running_requests, num_pages, config.page_tokens, steps)
         self.graphdef, self.params = model.graphdef, model.params
-        self.decode_buckets = (sorted(set(config.decode_buckets) | {config.max_running_requests})
-                               if config.decode_buckets else buckets(config.max_running_requests))
-        self.prefill_row_buckets = buckets(min(config.max_prefill_rows, config.max_running_requests))
+        self.decode_buckets = config.row_buckets(config.max_running_requests, config.decode_buckets)
+        self.prefill_row_buckets = config.row_buckets(config.prefill_rows, config.prefill_row_buckets)
         self.chunk_buckets = config.chunk_buckets()
         self.compiles = 0
         self._executables: dict[tuple, object] = {}
@@ -196,7 +205,7 @@ class Engine:
         touched: dict[str, Request] = {}
         self._take_commands(touched)
         self.scheduler.admit()
-        prefill = self.scheduler.prefill_rows(self.config.max_prefill_rows)
+        prefill = self.scheduler.prefill_rows(self.config.prefill_rows)
         if prefill:
             self._prefill(prefill, touched)
         decode = self.scheduler.decode_rows()
