@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -22,23 +22,6 @@ _BUCKET = 64
 def _bucket(n: int) -> int:
     """Round a length up to a multiple of 64 so that shapes, and compilations, repeat."""
     return max(_BUCKET, -(-n // _BUCKET) * _BUCKET)
-
-
-@jax.jit
-def sample_tokens(logits: jax.Array, key: jax.Array, temperature, top_k, top_p) -> jax.Array:
-    """Greedy where temperature == 0, else temperature / top-k (0 = off) / top-p sampling. logits [B,V]."""
-    greedy = jnp.argmax(logits, axis=-1)
-    scaled = logits / jnp.maximum(temperature, 1e-6)
-    order = jnp.argsort(-scaled, axis=-1)
-    ranked = jnp.take_along_axis(scaled, order, axis=-1)
-    rank = jnp.arange(logits.shape[-1])
-    keep = (top_k <= 0) | (rank < top_k)
-    # top-p keeps the smallest prefix whose mass reaches p (the first token always stays).
-    mass_before = jnp.cumsum(jax.nn.softmax(ranked, axis=-1), axis=-1) - jax.nn.softmax(ranked, axis=-1)
-    keep &= mass_before < top_p
-    choice = jax.random.categorical(key, jnp.where(keep, ranked, -jnp.inf), axis=-1)
-    sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
-    return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
 
 
 class Model:
@@ -91,33 +74,46 @@ class Model:
         out = [logits[row, :len(seq)] for row, seq in enumerate(batch)]
         return out[0] if single else out
 
+    def engine(self, **settings):
+        """A serving engine (dsv4jax.serve) over this model, cached per settings (an `EngineConfig`'s fields)."""
+        from dsv4jax.serve.engine import Engine, EngineConfig
+
+        key = tuple(sorted(settings.items()))
+        engines = self.__dict__.setdefault("_engines", {})
+        if key not in engines:
+            engines[key] = Engine(self, EngineConfig(**settings))
+        return engines[key]
+
     def generate(self, prompts, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True):
-        """Continue each prompt; returns text for text prompts and token ids for id prompts."""
+                 top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True, speculative_steps: int = 0):
+        """Continue each prompt through the engine; returns text for text prompts and token ids for id prompts.
+
+        Row i samples with seed + i; `speculative_steps` > 0 drafts with the MTP head (same greedy output)."""
+        from dsv4jax.serve.sampling import SamplingParams
+
         if max_new_tokens < 0 or temperature < 0 or not 0 < top_p <= 1:
             raise ValueError("need max_new_tokens ≥ 0, temperature ≥ 0 and 0 < top_p ≤ 1")
         batch, single = self._batch(prompts)
-        ids, lengths, state = self._padded(batch, max_new_tokens)
-        logits, _, state = run.prefill(self.graphdef, self.params, state, ids, lengths)
-        key = jax.random.key(seed)
-        finished = jnp.zeros((len(batch),), bool)
-        produced = []
-        for step in range(max_new_tokens):
-            tokens = sample_tokens(logits, jax.random.fold_in(key, step), temperature, top_k, top_p)
-            produced.append(tokens)
-            if stop_at_eos:
-                finished = finished | (tokens == self.config.eos_token_id)
-            if step + 1 < max_new_tokens and not bool(jnp.all(finished)):
-                logits, _, state = run.decode(self.graphdef, self.params, state, tokens, ~finished)
-            elif step + 1 < max_new_tokens:
-                break
-        new = np.stack([np.asarray(t) for t in produced], axis=1) if produced else np.zeros((len(batch), 0), int)
-        results = []
-        for row, prompt in enumerate(prompts if not single else [prompts]):
-            tokens = new[row].tolist()
-            if stop_at_eos and self.config.eos_token_id in tokens:
-                tokens = tokens[:tokens.index(self.config.eos_token_id)]
-            results.append(self.tokenizer.decode(tokens) if isinstance(prompt, str) else tokens)
+        longest = max(len(s) for s in batch)
+        if longest + max_new_tokens > self.config.max_position_embeddings:
+            raise ValueError(f"prompt ({longest} tokens) + {max_new_tokens} new tokens exceeds max_position_embeddings "
+                             f"({self.config.max_position_embeddings})")
+        if max_new_tokens == 0:
+            outputs = [[] for _ in batch]
+        else:
+            # Shapes repeat across calls: batch rounded to a power of two, lengths to multiples of 64 and pages.
+            rows = 1 << (len(batch) - 1).bit_length()
+            page = math.lcm(*[r for r in self.config.compress_ratios if r] or [1])
+            length = _bucket(longest + max_new_tokens)
+            engine = self.engine(max_running_requests=rows, max_model_len=-(-length // page) * page,
+                                 page_tokens=page, prefill_chunk=_bucket(min(longest, 256)), prefill_buckets=(),
+                                 max_prefill_rows=rows, decode_buckets=(rows,), prefill_row_buckets=(rows,),
+                                 speculative_steps=speculative_steps, prompt_logprobs=False)
+            params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                     seed=seed + row, ignore_eos=not stop_at_eos) for row in range(len(batch))]
+            outputs = [c.token_ids for c in engine.generate(batch, params)]
+        results = [self.tokenizer.decode(tokens) if isinstance(prompt, str) else tokens
+                   for prompt, tokens in zip([prompts] if single else prompts, outputs)]
         return results[0] if single else results
 
 
