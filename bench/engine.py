@@ -1,0 +1,103 @@
+"""The serving engine on one GPU: output tokens/s and time per output token at batch 1, 8, 32 and 128, with and
+without MTP speculation, for the `flash-slice` config (V4-Flash widths, 4 layers, 32 experts, random weights),
+plus the mean acceptance length. Writes bench/results/engine-<device>.json.
+
+    python3 bench/engine.py [--batches 1 8 32 128] [--speculative 0 1] [--prompt 512] [--tokens 64]
+
+Per batch size B: B requests with random prompts are submitted together; once every one has its first token
+(prefill done), the steps until all finish are timed. tokens/s = decode tokens / time; time per output token =
+time / decode tokens per request. With random weights the MTP head almost never agrees with the model, so the
+speculative rows show the cost of drafting and verifying, not its benefit (acceptance length ≈ 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from bench.common import device_slug, write_results  # noqa: E402
+from dsv4jax.api import Model  # noqa: E402
+from dsv4jax.config import load_config  # noqa: E402
+from dsv4jax.model import DeepseekV4  # noqa: E402
+from dsv4jax.serve.engine import Engine, EngineConfig  # noqa: E402
+from dsv4jax.serve.sampling import SamplingParams  # noqa: E402
+
+CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                      "deepseek-v4-flash-slice.json")
+
+
+def run_batch(engine: Engine, batch: int, prompt: int, tokens: int, rng) -> dict:
+    before = dict(engine.counters)
+    sampling = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+    vocab = engine.model_config.vocab_size
+    start = time.perf_counter()
+    ids = [engine.submit(rng.integers(3, vocab, size=prompt).tolist(), sampling) for _ in range(batch)]
+    produced = dict.fromkeys(ids, 0)
+    while any(v == 0 for v in produced.values()):
+        for out in engine.step():
+            produced[out.request_id] += len(out.token_ids)
+    prefill_s = time.perf_counter() - start
+    at_start = sum(produced.values())
+    steps = 0
+    start = time.perf_counter()
+    while engine.has_unfinished():
+        for out in engine.step():
+            produced[out.request_id] += len(out.token_ids)
+        steps += 1
+    decode_s = time.perf_counter() - start
+    decoded = sum(produced.values()) - at_start
+    rounds = engine.counters["speculative_rounds"] - before["speculative_rounds"]
+    accepted = engine.counters["accepted_tokens"] - before["accepted_tokens"]
+    return {"batch": batch, "prompt_tokens": prompt, "output_tokens": tokens, "prefill_all_s": prefill_s,
+            "decode_steps": steps, "decode_s": decode_s, "decode_tokens": decoded,
+            "output_tokens_per_s": decoded / decode_s, "time_per_output_token_ms": 1e3 * decode_s / (decoded / batch),
+            "mean_acceptance_length": (accepted + rounds) / rounds if rounds else None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", default=CONFIG)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128])
+    parser.add_argument("--speculative", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--prompt", type=int, default=512)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--name", default=None)
+    args = parser.parse_args()
+
+    config = load_config(args.config, dtype="bfloat16")
+    start = time.perf_counter()
+    module = nnx.jit(lambda: DeepseekV4(config, nnx.Rngs(0)))()  # drawn on the device
+    model = Model(module, name=os.path.basename(args.config))
+    jax.block_until_ready(model.params)
+    print(f"model built in {time.perf_counter() - start:.1f} s", flush=True)
+    records, rng = [], np.random.default_rng(0)
+    name = args.name or f"engine-{device_slug()}"
+    for steps in args.speculative:
+        engine = Engine(model, EngineConfig(
+            max_running_requests=max(args.batches), max_model_len=args.prompt + args.tokens + 64, page_tokens=256,
+            prefill_chunk=args.prompt, prefill_buckets=(args.prompt,), max_prefill_rows=min(8, max(args.batches)),
+            prefill_row_buckets=(min(8, max(args.batches)),),
+            decode_buckets=tuple(args.batches), speculative_steps=steps, prompt_logprobs=False))
+        start = time.perf_counter()
+        engine.warmup()
+        compile_s = time.perf_counter() - start
+        print(f"speculative_steps={steps}: {engine.compiles} executables compiled in {compile_s:.1f} s", flush=True)
+        for batch in args.batches:
+            record = {"speculative_steps": steps, "compile_s": compile_s, **run_batch(engine, batch, args.prompt,
+                                                                                      args.tokens, rng)}
+            records.append(record)
+            print(record, flush=True)
+            write_results(name, {"config": os.path.basename(args.config), **vars(args)}, records)
+        assert engine.compiles == len(engine._executables)  # nothing compiled after warm-up
+
+
+if __name__ == "__main__":
+    main()
