@@ -65,38 +65,26 @@ def time_to_first_token(runner, params, config, mesh, device_mesh, length: int, 
     return statistics.median(times), first, np.asarray(logits, np.float32)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--lengths", type=int, nargs="+", default=[16384, 65536, 131072])
-    parser.add_argument("--cp", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--cp-mode", default="round_robin", choices=["round_robin", "zigzag"])
-    parser.add_argument("--chunk", type=int, default=8192, help="tokens per CP-split prefill chunk")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--implementation", default="auto", choices=["auto", "pallas", "reference"],
-                        help="kernels: auto = those verified on the GPU")
-    parser.add_argument("--config", default=CONFIG)
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--no-write", action="store_true", help="print only (smoke runs)")
-    args = parser.parse_args()
-
-    config = load_config(args.config, dtype=args.dtype)
+def run_context_parallel(config, cps, lengths, cp_mode: str, chunk: int, repeats: int, implementation: str,
+                         reference_logits: dict | None = None) -> list[dict]:
+    """Time to first token for each (cp, length); logits checked against the first cp size run per length
+    (or against `reference_logits` [length -> (cp, logits)], which this fills)."""
     records = []
-    first_logits = {}  # tokens -> logits of the first cp size run, to check the others against
-    for cp in args.cp:
+    first_logits = {} if reference_logits is None else reference_logits
+    for cp in cps:
         if cp > jax.device_count():
             records.append({"cp": cp, "skipped": f"needs {cp} devices, {jax.device_count()} present"})
             continue
-        mesh = parse_mesh_spec(f"cp={cp}", cp_mode=args.cp_mode)
+        mesh = parse_mesh_spec(f"cp={cp}", cp_mode=cp_mode)
         device_mesh = make_mesh(mesh, jax.devices()[:cp])
         graphdef, params = init_sharded(config, mesh, device_mesh)
         runner = ShardedRunner(graphdef, mesh, device_mesh)
-        for length in args.lengths:
-            record = {"cp": cp, "cp_mode": args.cp_mode, "tokens": length, "chunk": args.chunk,
-                      "implementation": args.implementation}
+        for length in lengths:
+            record = {"cp": cp, "cp_mode": cp_mode, "tokens": length, "chunk": chunk, "implementation": implementation}
             try:
-                with pallas.use(args.implementation):
+                with pallas.use(implementation):
                     ttft, first, logits = time_to_first_token(runner, params, config, mesh, device_mesh, length,
-                                                              args.chunk, args.repeats)
+                                                              chunk, repeats)
                 record.update(ttft_s=ttft, tokens_per_s=length / ttft, first_call_s=first)
                 if length in first_logits:  # same weights (same seed), same prompt: the logits must agree
                     base_cp, base = first_logits[length]
@@ -108,10 +96,32 @@ def main() -> None:
                 record["error"] = f"{type(error).__name__}: {str(error)[:300]}"
             print(record, flush=True)
             records.append(record)
+        del params, runner
+    return records
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--lengths", type=int, nargs="+", default=[16384, 65536, 131072])
+    parser.add_argument("--cp", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--cp-mode", default="round_robin", choices=["round_robin", "zigzag"])
+    parser.add_argument("--chunk", type=int, default=8192, help="tokens per CP-split prefill chunk")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--implementation", default="auto", choices=["auto", "pallas", "reference"],
+                        help="kernels: auto = those verified on the GPU")
+    parser.add_argument("--config", default=CONFIG)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--name", default=None, help="results file name (default context-parallel-<device>)")
+    parser.add_argument("--no-write", action="store_true", help="print only (smoke runs)")
+    args = parser.parse_args()
+
+    config = load_config(args.config, dtype=args.dtype)
+    records = run_context_parallel(config, args.cp, args.lengths, args.cp_mode, args.chunk, args.repeats,
+                                   args.implementation)
     if not args.no_write:
         bench_config = {"config": os.path.basename(args.config), "dtype": args.dtype, "lengths": args.lengths,
                         "chunk": args.chunk, "cp": args.cp, "cp_mode": args.cp_mode}
-        print(write_results(f"context-parallel-{device_slug()}", bench_config, records))
+        print(write_results(args.name or f"context-parallel-{device_slug()}", bench_config, records))
 
 
 if __name__ == "__main__":
