@@ -168,12 +168,14 @@ def benchmark() -> list[dict]:
             save()
             del q, kv, idx, sink
     if "decode" in only:
-        for ctx in (4096, 131072):
-            for B in (1, 8, 32, 128):
-                q, kv, idx, sink = decode_inputs(B, ctx, jax.random.fold_in(key, B * 7 + ctx))
-                records.append(run("decode", f"B={B} ctx={ctx}", q, kv, idx, sink, ref_fits=True, iters=20))
-                save()
-                del q, kv, idx, sink
+        pairs = [(B, ctx) for ctx in (4096, 131072) for B in (1, 8, 32, 128)]
+        if os.environ.get("SPARSE_ATTN_DECODE"):  # "B:ctx,B:ctx" subset (device time)
+            pairs = [tuple(map(int, p.split(":"))) for p in os.environ["SPARSE_ATTN_DECODE"].split(",")]
+        for B, ctx in pairs:
+            q, kv, idx, sink = decode_inputs(B, ctx, jax.random.fold_in(key, B * 7 + ctx))
+            records.append(run("decode", f"B={B} ctx={ctx}", q, kv, idx, sink, ref_fits=True, iters=20))
+            save()
+            del q, kv, idx, sink
     print("wrote", save())
     return records
 
