@@ -87,6 +87,7 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-windows", type=int, default=None, help="at most this many held-out windows")
     args = parser.parse_args(argv)
 
+    launched = time.perf_counter()
     import jax
 
     from dsv4jax import pallas
@@ -111,11 +112,13 @@ def main(argv=None) -> int:
     def log(row):
         history_file.write(json.dumps(row) + "\n")
         if args.log_every and (row["step"] % args.log_every == 0 or row["step"] == 1):
-            print(f"step {row['step']}/{trainer.train.steps} loss {row['main_loss']:.4f} mtp {row['mtp_loss']:.4f} "
+            print(f"[{time.perf_counter() - launched:.0f}s] step {row['step']}/{trainer.train.steps} loss {row['main_loss']:.4f} mtp {row['mtp_loss']:.4f} "
                   f"maxvio {row['max_violation']:.3f} lr {row['learning_rate']:.2e} "
                   f"tok/s {row['tokens_per_s']:.0f}", flush=True)
 
     start = time.perf_counter()
+    if args.log_every:  # the first step line comes after compilation
+        print(f"[{start - launched:.0f}s] {len(train_tokens)} training tokens; compiling the step", flush=True)
     with open(out / "history.jsonl", "a") as history_file, pallas.use(args.kernels):
         state, history = train(trainer, train_tokens, out / "checkpoints", progress=not args.log_every, log=log,
                                time_budget=args.time_budget)
@@ -153,6 +156,8 @@ def main(argv=None) -> int:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         # Score what ships: the exported checkpoint as the loader reads it, in fp32.
         shipped = load_model(export, dtype="float32", progress=False)
+        if args.log_every:
+            print(f"[{time.perf_counter() - launched:.0f}s] exported; scoring the shipped checkpoint", flush=True)
         begin = time.perf_counter()
         with pallas.use(args.kernels):
             heldout = evaluate(shipped, heldout_tokens, args.seq_len, limit=args.eval_windows)
