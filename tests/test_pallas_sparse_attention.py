@@ -19,17 +19,17 @@ from dsv4jax.pallas.sparse_attention.reference import sparse_attention_reference
 D = 128
 
 
-def _inputs(seed, B, S, H, N, K, Bk=None):
+def _inputs(seed, B, S, H, N, K, Bk=None, d=D):
     ks = jax.random.split(jax.random.key(seed), 4)
-    q = jax.random.normal(ks[0], (B, S, H, D), jnp.bfloat16)
-    kv = jax.random.normal(ks[1], (Bk or B, N, D), jnp.bfloat16)
+    q = jax.random.normal(ks[0], (B, S, H, d), jnp.bfloat16)
+    kv = jax.random.normal(ks[1], (Bk or B, N, d), jnp.bfloat16)
     idx = jax.random.randint(ks[2], (B, S, K), 0, N, dtype=jnp.int32)
     sink = jax.random.normal(ks[3], (H,), jnp.float32)
     return q, kv, idx, sink
 
 
 def _check(q, kv, idx, sink):
-    scale = D ** -0.5
+    scale = q.shape[-1] ** -0.5
     try:
         out = sparse_attention_kernel(q, kv, idx, sink, scale=scale, interpret=compat.mosaic_gpu_interpret_params())
         out = jax.block_until_ready(out)
@@ -84,3 +84,9 @@ def test_ragged_decode(seed, S):
 def test_h64_kv_shared_over_batch(seed):
     q, kv, idx, sink = _inputs(seed, 2, 1, 64, 100, 33, Bk=1)
     _check(q, kv, idx, sink)
+
+
+def test_d256_128_column_chunks(seed):
+    # d=256 takes the 128-column chunks that the GPU default uses at d=512 (d=128 falls back to 64)
+    q, kv, idx, sink = _inputs(seed, 1, 2, 16, 80, 40, d=256)
+    _check(q, kv, jnp.where(jnp.arange(40) % 7 == 3, -1, idx), sink)
