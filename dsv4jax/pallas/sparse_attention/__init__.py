@@ -9,6 +9,9 @@ from dsv4jax import pallas as _pallas
 from dsv4jax.pallas.sparse_attention.reference import sparse_attention_reference
 
 
+MIN_KERNEL_QUERIES = 128
+
+
 def _use_kernel(q, kv, indices, sink) -> bool:
     choice = _pallas.implementation()
     if choice == "reference":
@@ -22,8 +25,11 @@ def _use_kernel(q, kv, indices, sink) -> bool:
         return True
     from dsv4jax.pallas.sparse_attention.kernel import VERIFIED_ON_GPU
 
-    # "auto" takes the kernel only once it has passed on a GPU (NOTES.md: verified on the H100, jax 0.11.2).
-    return reason is None and _pallas.on_gpu() and VERIFIED_ON_GPU
+    # "auto" takes the kernel only once it has passed on a GPU (NOTES.md: verified on the H100, jax 0.11.2), and
+    # only for ≥ 128 queries: it has no split over K yet, so smaller decode batches run faster in XLA
+    # (bench/results/kernels-sparse_attention-h100-80gb-hbm3.json: B=32 0.28 vs 0.15 ms, B=128 0.28 vs 0.33 ms).
+    queries = q.shape[0] * q.shape[1]
+    return reason is None and _pallas.on_gpu() and VERIFIED_ON_GPU and queries >= MIN_KERNEL_QUERIES
 
 
 @functools.partial(jax.named_call, name="sparse_attention")
