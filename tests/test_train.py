@@ -91,3 +91,43 @@ def test_qat_is_the_shipped_format(shape):
                                   quant.dequantize_fp8(*quant.quantize_fp8(w)))
     np.testing.assert_array_equal(np.asarray(quant.fp4_qdq(jnp.asarray(w)))[..., :96],
                                   quant.dequantize_fp4(*quant.quantize_fp4(w))[..., :96])
+
+
+def test_heldout_loss_and_mtp_acceptance_match_independent_paths():
+    """evaluate(): the window loss equals the full-context perplexity path's NLL, and a draft counts as accepted
+    exactly when MTP's argmax at t equals the main model's argmax at t+1 (both from other code paths)."""
+    import dsv4jax
+    from dsv4jax.eval.perplexity import perplexity
+    from dsv4jax.model import init_state
+    from dsv4jax.train.evaluate import evaluate, evaluate_windows
+
+    config = load_config("configs/test-tiny.json", dtype="float32")
+    module = dsv4jax.load(config, seed=3).module
+    # Only two tokens can win the argmax, so drafts and targets agree about half the time (a random head almost
+    # never agrees, which would not test the alignment).
+    head = np.zeros(module.head.shape, np.float32)
+    head[[5, 7]] = np.asarray(module.head[...])[[5, 7]]
+    module.head[...] = jnp.asarray(head)
+    model = dsv4jax.api.Model(module, "two-token head")
+    seq_len = 40
+    stream = _tokens()[:2 * seq_len + 1]
+    result = evaluate(model.module, stream, seq_len, batch_size=2)
+    assert result["windows"] == 2 and result["tokens"] == 2 * seq_len
+    nll = [perplexity(model, stream[i * seq_len:(i + 1) * seq_len + 1].tolist(), chunk=64)["nll"] for i in range(2)]
+    assert result["loss"] == pytest.approx(np.mean(nll), rel=1e-5)
+
+    total = 0
+    for i in range(2):  # window by window: totals could agree by chance under a wrong alignment
+        window = stream[i * seq_len:(i + 1) * seq_len + 1]
+        greedy = np.argmax(model.logits(window[:-1].tolist()), axis=-1)
+        ids = jnp.asarray(window[None, :-1])
+        _, streams, _ = model.module(ids, init_state(config, 1, seq_len))
+        hidden, _, _ = model.module.mtp_forward(streams, jnp.asarray(window[None, 1:]),
+                                                init_state(config, 1, seq_len, mtp=True))
+        draft = np.argmax(np.asarray(model.module.logits(hidden))[0], axis=-1)
+        accepted = int(np.sum(draft[:-1] == greedy[1:]))
+        assert 0 < accepted < seq_len - 1
+        assert evaluate_windows(model.module, window[None])["mtp_acceptance"]["accepted"] == accepted
+        total += accepted
+    assert result["mtp_acceptance"]["accepted"] == total
+    assert result["mtp_acceptance"]["drafts"] == 2 * (seq_len - 1)

@@ -118,10 +118,12 @@ def main(argv=None) -> int:
 
     start = time.perf_counter()
     if args.log_every:  # the first step line comes after compilation
-        print(f"[{start - launched:.0f}s] {len(train_tokens)} training tokens; compiling the step", flush=True)
+        print(f"[{start - launched:.0f}s] {len(train_tokens)} training tokens; building the train state", flush=True)
     with open(out / "history.jsonl", "a") as history_file, pallas.use(args.kernels):
         state, history = train(trainer, train_tokens, out / "checkpoints", progress=not args.log_every, log=log,
-                               time_budget=args.time_budget)
+                               time_budget=args.time_budget,
+                               announce=(lambda text: print(f"[{time.perf_counter() - launched:.0f}s] {text}",
+                                                            flush=True)) if args.log_every else None)
     seconds = time.perf_counter() - start
     steps = int(state["step"])
     tail = history[-20:]

@@ -243,13 +243,15 @@ def batch_at(tokens: np.ndarray, step: int, batch_size: int, seq_len: int, seed:
 
 
 def train(trainer: Trainer, tokens: np.ndarray, checkpoint_dir: str | Path | None = None, stop_at: int | None = None,
-          progress: bool = True, log=None, time_budget: float | None = None, calibration_steps: int = 20):
+          progress: bool = True, log=None, time_budget: float | None = None, calibration_steps: int = 20,
+          announce=None):
     """Train to `trainer.train.steps` (or stop early at `stop_at`), resuming from the latest checkpoint.
 
     With `time_budget` (seconds, counted from this call) the step time is measured over `calibration_steps`
     steps after the first (compiling) one, and the horizon becomes the number of steps that fit, at most
     `train.steps`; the schedule does not change before that point as long as it lies inside the warm-up. The
-    horizon is saved in the checkpoint, so a resumed run follows the same schedule.
+    horizon is saved in the checkpoint, so a resumed run follows the same schedule. `announce(text)` hears the
+    stages before the first step (which compiles).
     """
     start_time = time.perf_counter()
     cfg = trainer.train
@@ -262,7 +264,9 @@ def train(trainer: Trainer, tokens: np.ndarray, checkpoint_dir: str | Path | Non
             state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(state))
             trainer.set(steps=int(state["total_steps"]))
             time_budget = None  # the horizon was fixed by the run being resumed
-    first = int(state["step"])
+    first = int(jax.block_until_ready(state["step"]))
+    if announce is not None:
+        announce(f"state ready at step {first} ({time.perf_counter() - start_time:.0f}s); the first step compiles")
     bar = tqdm(total=trainer.train.steps, initial=first, disable=not progress, desc="training")
     history = []
     step, timed_from = first, None
