@@ -28,11 +28,17 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--stages", default="forward,grad,step", help="which compilations to time")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--jax-config", action="append", default=[], metavar="NAME=VALUE",
+                        help="jax.config option, e.g. jax_ragged_dot_use_ragged_dot_instruction=false (repeatable)")
     args = parser.parse_args(argv)
 
     import jax
     import jax.numpy as jnp
     import os
+
+    for option in args.jax_config:
+        name, _, value = option.partition("=")
+        jax.config.update(name, {"true": True, "false": False}.get(value.lower(), value))
 
     from dsv4jax import pallas
     from dsv4jax.config import load_config
@@ -40,7 +46,7 @@ def main(argv=None) -> int:
 
     record = {"config": args.config, "batch_size": args.batch_size, "seq_len": args.seq_len, "qat": args.qat,
               "device": jax.devices()[0].device_kind, "jax": jax.__version__,
-              "xla_flags": os.environ.get("XLA_FLAGS", ""), "commit": os.environ.get("DSV4JAX_COMMIT", "unknown")}
+              "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax_config": args.jax_config, "commit": os.environ.get("DSV4JAX_COMMIT", "unknown")}
     say(record, "imported_s", time.perf_counter() - T0)
     trainer = Trainer(load_config(args.config), TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len,
                                                             qat=args.qat))

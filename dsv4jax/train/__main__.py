@@ -85,10 +85,16 @@ def main(argv=None) -> int:
     parser.add_argument("--export", default=None, help="write the trained model here (official format)")
     parser.add_argument("--quantize", action="store_true", help="export FP8 linears and FP4 experts (§10.1)")
     parser.add_argument("--eval-windows", type=int, default=None, help="at most this many held-out windows")
+    parser.add_argument("--jax-config", action="append", default=[], metavar="NAME=VALUE",
+                        help="jax.config option, e.g. jax_ragged_dot_use_ragged_dot_instruction=false (repeatable)")
     args = parser.parse_args(argv)
 
     launched = time.perf_counter()
     import jax
+
+    for option in args.jax_config:
+        name, _, value = option.partition("=")
+        jax.config.update(name, {"true": True, "false": False}.get(value.lower(), value))
 
     from dsv4jax import pallas
     from dsv4jax.config import ConfigError, load_config
