@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from dsv4jax import quant
 from dsv4jax.config import load_config
@@ -116,15 +117,18 @@ def test_heldout_loss_and_mtp_acceptance_match_independent_paths():
     nll = [perplexity(model, stream[i * seq_len:(i + 1) * seq_len + 1].tolist(), chunk=64)["nll"] for i in range(2)]
     assert result["loss"] == pytest.approx(np.mean(nll), rel=1e-5)
 
+    @jax.jit
+    def mtp_logits(params, window):  # the MTP module by hand: streams at t with token t+1
+        module = nnx.merge(model.graphdef, params)
+        _, streams, _ = module(window[:, :-1], init_state(config, 1, seq_len))
+        hidden, _, _ = module.mtp_forward(streams, window[:, 1:], init_state(config, 1, seq_len, mtp=True))
+        return module.logits(hidden)
+
     total = 0
     for i in range(2):  # window by window: totals could agree by chance under a wrong alignment
         window = stream[i * seq_len:(i + 1) * seq_len + 1]
         greedy = np.argmax(model.logits(window[:-1].tolist()), axis=-1)
-        ids = jnp.asarray(window[None, :-1])
-        _, streams, _ = model.module(ids, init_state(config, 1, seq_len))
-        hidden, _, _ = model.module.mtp_forward(streams, jnp.asarray(window[None, 1:]),
-                                                init_state(config, 1, seq_len, mtp=True))
-        draft = np.argmax(np.asarray(model.module.logits(hidden))[0], axis=-1)
+        draft = np.argmax(np.asarray(mtp_logits(model.params, jnp.asarray(window[None])))[0], axis=-1)
         accepted = int(np.sum(draft[:-1] == greedy[1:]))
         assert 0 < accepted < seq_len - 1
         assert evaluate_windows(model.module, window[None])["mtp_acceptance"]["accepted"] == accepted
