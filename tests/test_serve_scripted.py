@@ -251,13 +251,15 @@ def test_a_dead_engine_answers_503_and_health_says_so():
         assert again.status_code == 503
 
 
-def test_command_line_refuses_a_mesh_the_engine_cannot_use(capsys):
+def test_command_line_refuses_a_mesh_that_cannot_work(capsys):
     from dsv4jax.serve.__main__ import check_mesh, main
 
     assert check_mesh(None, "round-robin") is None
     assert check_mesh("dp=1,cp=1", "zigzag").cp_mode == "zigzag"
-    assert main(["--mesh", "cp=2,ep=2"]) == 2
-    assert "one device" in capsys.readouterr().err
+    assert main(["--mesh", "dp=2,ep=4"]) == 2
+    assert "use dp=1" in capsys.readouterr().err
+    assert main(["--mesh", "cp=2,ep=2"]) == 2  # 4 devices named, 8 present
+    assert "needs 4 devices but 8" in capsys.readouterr().err
     assert main(["--mesh", "xx=2"]) == 2
     assert "unknown mesh axis" in capsys.readouterr().err
     assert main(["--default-chat-template-kwargs", "[1]"]) == 2

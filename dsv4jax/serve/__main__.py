@@ -48,15 +48,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_mesh(spec: str | None, cp_mode: str):
-    """The mesh of --mesh/--cp-mode, checked against the devices. The engine runs on one device for now."""
-    from dsv4jax.sharding import parse_mesh_spec
+    """The mesh of --mesh/--cp-mode, checked against the devices before anything loads."""
+    import jax
+
+    from dsv4jax.sharding import MeshError, parse_mesh_spec
 
     if spec is None:
         return None
     mesh = parse_mesh_spec(spec, cp_mode=cp_mode.replace("-", "_"))
-    if mesh.size != 1:
-        raise ValueError(f"--mesh {spec}: the serving engine runs on one device for now; serve with --mesh "
-                         f"dp=1,cp=1,tp=1,ep=1 (or no --mesh) until it gains a sharded path")
+    if mesh.dp != 1:
+        raise MeshError(f"--mesh {spec}: the serving engine keeps every sequence on every rank; use dp=1 and spread "
+                        f"the model with cp, tp and ep")
+    if mesh.size not in (1, jax.device_count()):  # size 1: one device
+        raise MeshError(f"--mesh {spec} needs {mesh.size} devices but {jax.device_count()} are present; make the "
+                        f"product of the axis sizes equal {jax.device_count()}")
     return mesh
 
 
@@ -82,7 +87,7 @@ def main(argv=None) -> int:
     from dsv4jax.sharding import MeshError
 
     try:
-        check_mesh(args.mesh, args.cp_mode)
+        mesh = check_mesh(args.mesh, args.cp_mode)
         start = time.perf_counter()
         print(f"loading {args.model or 'the default model'} ...", file=sys.stderr, flush=True)
         model = dsv4jax.load(args.model, dtype=args.dtype, progress=True)
@@ -96,7 +101,7 @@ def main(argv=None) -> int:
                               page_tokens=args.page_tokens, prefill_chunk=args.prefill_chunk,
                               speculative_steps=args.speculative_steps,
                               max_waiting_requests=args.max_waiting_requests, **tuning)
-        engine = Engine(model, config)
+        engine = Engine(model, config, mesh=mesh if mesh is not None and mesh.size > 1 else None)
         print(f"loaded {model.name} in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
         if not args.no_warmup:
             start = time.perf_counter()
