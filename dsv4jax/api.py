@@ -74,21 +74,24 @@ class Model:
         out = [logits[row, :len(seq)] for row, seq in enumerate(batch)]
         return out[0] if single else out
 
-    def engine(self, **settings):
-        """A serving engine (dsv4jax.serve) over this model, cached per settings (an `EngineConfig`'s fields)."""
+    def engine(self, mesh=None, **settings):
+        """A serving engine (dsv4jax.serve) over this model, cached per settings (an `EngineConfig`'s fields) and
+        mesh (None: one device; or a spec such as "cp=2,tp=2,ep=2")."""
         from dsv4jax.serve.engine import Engine, EngineConfig
 
-        key = tuple(sorted(settings.items()))
+        key = (str(mesh), tuple(sorted(settings.items())))
         engines = self.__dict__.setdefault("_engines", {})
         if key not in engines:
-            engines[key] = Engine(self, EngineConfig(**settings))
+            engines[key] = Engine(self, EngineConfig(**settings), mesh=mesh)
         return engines[key]
 
     def generate(self, prompts, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True, speculative_steps: int = 0):
+                 top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True, speculative_steps: int = 0,
+                 mesh=None):
         """Continue each prompt through the engine; returns text for text prompts and token ids for id prompts.
 
-        Row i samples with seed + i; `speculative_steps` > 0 drafts with the MTP head (same greedy output)."""
+        Row i samples with seed + i; `speculative_steps` > 0 drafts with the MTP head (same greedy output);
+        `mesh` spreads the model over devices (see `engine`)."""
         from dsv4jax.serve.sampling import SamplingParams
 
         if max_new_tokens < 0 or temperature < 0 or not 0 < top_p <= 1:
@@ -105,7 +108,7 @@ class Model:
             rows = 1 << (len(batch) - 1).bit_length()
             page = math.lcm(*[r for r in self.config.compress_ratios if r] or [1])
             length = _bucket(longest + max_new_tokens)
-            engine = self.engine(max_running_requests=rows, max_model_len=-(-length // page) * page,
+            engine = self.engine(mesh=mesh, max_running_requests=rows, max_model_len=-(-length // page) * page,
                                  page_tokens=page, prefill_chunk=_bucket(min(longest, 256)), prefill_buckets=(),
                                  max_prefill_rows=rows, decode_buckets=(rows,), prefill_row_buckets=(rows,),
                                  speculative_steps=speculative_steps, prompt_logprobs=False)

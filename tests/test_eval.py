@@ -77,3 +77,20 @@ def test_command_line(tmp_path):
     assert result.returncode == 0, result.stderr
     scores = json.loads(out.read_text())["results"]
     assert len(scores) == 3 and len({s["logprob"] for s in scores}) == 1 and scores[0]["logprob"] < 0
+
+
+def test_evaluation_over_a_mesh_equals_one_device(model):
+    """8 fake CPU devices: log-likelihoods (batch rows over dp, chunks over cp), perplexity and generation."""
+    rng = np.random.default_rng()
+    pairs = [(rng.integers(0, 256, int(rng.integers(1, 120))).tolist(),
+              rng.integers(0, 256, int(rng.integers(1, 9))).tolist()) for _ in range(6)]
+    alone = evaluation.loglikelihood(model, pairs, batch_size=4)
+    spread = evaluation.loglikelihood(model, pairs, batch_size=4, mesh="dp=2,cp=2,ep=2")
+    for a, b in zip(alone, spread):
+        assert b.logprob == pytest.approx(a.logprob, rel=1e-5, abs=1e-5) and b.is_greedy == a.is_greedy
+    tokens = rng.integers(0, 256, 150).tolist()
+    assert evaluation.perplexity(model, tokens, chunk=64, mesh="cp=4,tp=2")["nll"] == pytest.approx(
+        evaluation.perplexity(model, tokens, chunk=64)["nll"], rel=1e-5)
+    from dsv4jax.sharding import MeshError
+    with pytest.raises(MeshError, match="not a multiple of dp=2"):
+        evaluation.loglikelihood(model, pairs, batch_size=3, mesh="dp=2,cp=2,ep=2")

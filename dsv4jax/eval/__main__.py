@@ -29,6 +29,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--chunk", type=int, default=512)
+    parser.add_argument("--mesh", default=None, help="spread over devices, e.g. cp=2,tp=2,ep=2 (default: one device)")
     args = parser.parse_args(argv)
 
     import dsv4jax
@@ -40,18 +41,19 @@ def main(argv=None) -> int:
         if args.task == "loglik":
             records = _jsonl(args.data)
             scored = evaluation.loglikelihood(model, [(r["context"], r["continuation"]) for r in records],
-                                              batch_size=args.batch_size)
+                                              batch_size=args.batch_size, mesh=args.mesh)
             result = {"results": [{"logprob": s.logprob, "is_greedy": s.is_greedy} for s in scored]}
         elif args.task == "perplexity":
             with open(args.data) as f:
                 text = f.read()
             tokens = json.loads(text) if args.data.endswith(".json") else text
-            result = evaluation.perplexity(model, tokens, chunk=args.chunk)
+            result = evaluation.perplexity(model, tokens, chunk=args.chunk, mesh=args.mesh)
         else:
             records = _jsonl(args.data)
-            outputs, accuracy = evaluation.evaluate_generation(model, records, args.max_new_tokens, args.batch_size)
+            outputs, accuracy = evaluation.evaluate_generation(model, records, args.max_new_tokens, args.batch_size,
+                                                               mesh=args.mesh)
             result = {"accuracy": accuracy, "results": [{"output": o.output, "correct": o.correct} for o in outputs]}
-    except (dsv4jax.ConfigError, ValueError, KeyError, OSError) as error:
+    except (dsv4jax.ConfigError, ValueError, KeyError, OSError) as error:  # MeshError is a ValueError
         print(f"error: {error}", file=sys.stderr)
         return 2
     result = {"task": args.task, "model": model.name, "seconds": time.perf_counter() - start, **result}

@@ -13,8 +13,9 @@ class GenerationResult:
 
 
 def evaluate_generation(model, records, max_new_tokens: int = 64, batch_size: int = 8, temperature: float = 0.0,
-                        seed: int = 0) -> tuple[list[GenerationResult], float]:
-    """records: dicts with "prompt" and either "answer" (exact match) or "regex" (re.search on the output)."""
+                        seed: int = 0, mesh=None) -> tuple[list[GenerationResult], float]:
+    """records: dicts with "prompt" and either "answer" (exact match) or "regex" (re.search on the output).
+    Generation runs through the serving engine (over `mesh` if given)."""
     results = []
     for start in range(0, len(records), batch_size):
         batch = records[start:start + batch_size]
@@ -22,7 +23,7 @@ def evaluate_generation(model, records, max_new_tokens: int = 64, batch_size: in
             if "prompt" not in record or not ("answer" in record or "regex" in record):
                 raise ValueError(f"record {record!r} needs 'prompt' and 'answer' or 'regex'")
         outputs = model.generate([r["prompt"] for r in batch], max_new_tokens=max_new_tokens,
-                                 temperature=temperature, seed=seed + start)
+                                 temperature=temperature, seed=seed + start, mesh=mesh)
         for record, output in zip(batch, outputs):
             text = output if isinstance(output, str) else " ".join(map(str, output))
             if "regex" in record:

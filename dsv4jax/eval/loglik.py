@@ -8,31 +8,17 @@ model's state is per sequence and padded positions are never visible).
 from __future__ import annotations
 
 import dataclasses
-import functools
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from dsv4jax.eval.buckets import batches_by_length
-from dsv4jax.model import init_state
-from dsv4jax.run import forward_fn
+from dsv4jax.eval.placement import Placement
 
 
 @dataclasses.dataclass(frozen=True)
 class LoglikResult:
     logprob: float  # Σ log p(continuation token | everything before it)
     is_greedy: bool  # every continuation token is the argmax at its position
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _score(graphdef, params, state, ids, lengths, targets, scored):
-    """Per row: Σ log p(targets) over `scored` positions, and whether every scored target is the argmax."""
-    logits, _, _ = forward_fn(graphdef, params, state, ids, lengths)
-    logprobs = jax.nn.log_softmax(logits, axis=-1)
-    chosen = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
-    greedy = jnp.argmax(logits, axis=-1) == targets
-    return jnp.sum(jnp.where(scored, chosen, 0.0), axis=-1), jnp.all(greedy | ~scored, axis=-1)
 
 
 def _pair(model, context, continuation) -> tuple[list[int], list[int]]:
@@ -44,10 +30,12 @@ def _pair(model, context, continuation) -> tuple[list[int], list[int]]:
     return context, continuation
 
 
-def loglikelihood(model, pairs, batch_size: int = 8, pad_id: int = 0) -> list[LoglikResult]:
+def loglikelihood(model, pairs, batch_size: int = 8, pad_id: int = 0, mesh=None) -> list[LoglikResult]:
     """`pairs`: (context, continuation), each text or token ids. Results come back in the order given.
 
-    `pad_id` fills padding rows and positions; it cannot change any result (tested)."""
+    `pad_id` fills padding rows and positions; it cannot change any result (tested). `mesh`: None (one device)
+    or a mesh spec such as "cp=2,tp=2,ep=2" (batch_size a multiple of dp)."""
+    placement = Placement(model, mesh)
     encoded = [_pair(model, c, x) for c, x in pairs]
     lengths = [len(c) + len(x) for c, x in encoded]
     results: list[LoglikResult | None] = [None] * len(encoded)
@@ -64,9 +52,10 @@ def loglikelihood(model, pairs, batch_size: int = 8, pad_id: int = 0) -> list[Lo
             targets[row, :len(sequence) - 1] = sequence[1:]
             scored[row, len(context) - 1:len(sequence) - 1] = True
             real[row] = len(sequence)
-        state = init_state(model.config, batch_size, width)
-        logprob, greedy = _score(model.graphdef, model.params, state, jnp.asarray(ids), jnp.asarray(real),
-                                 jnp.asarray(targets), jnp.asarray(scored))
+        placement.check(batch_size, width)
+        chosen, greedy, _ = placement.token_logprobs(placement.fresh_state(batch_size, width), ids, real, targets)
+        chosen, greedy = np.asarray(chosen, np.float64), np.asarray(greedy)
         for row, item in enumerate(members):
-            results[item] = LoglikResult(float(logprob[row]), bool(greedy[row]))
+            mask = scored[row]
+            results[item] = LoglikResult(float(np.sum(chosen[row][mask])), bool(np.all(greedy[row][mask])))
     return results

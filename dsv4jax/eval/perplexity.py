@@ -3,31 +3,22 @@ every token is scored against everything before it (the window plus compressed r
 
 from __future__ import annotations
 
-import functools
 import math
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from dsv4jax.model import init_state
-from dsv4jax.run import forward_fn
+from dsv4jax.eval.placement import Placement
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _chunk_nll(graphdef, params, state, ids, num_new, targets, scored):
-    logits, _, state = forward_fn(graphdef, params, state, ids, num_new)
-    logprobs = jax.nn.log_softmax(logits, axis=-1)
-    chosen = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
-    return -jnp.sum(jnp.where(scored, chosen, 0.0)), state
-
-
-def perplexity(model, tokens, chunk: int = 512) -> dict:
-    """tokens: text or ids (text gets BOS first). Returns the scored token count, mean NLL and perplexity."""
+def perplexity(model, tokens, chunk: int = 512, mesh=None) -> dict:
+    """tokens: text or ids (text gets BOS first). Returns the scored token count, mean NLL and perplexity.
+    `mesh`: None (one device) or a mesh spec (dp=1; each chunk is split over cp)."""
     ids = model.encode(tokens)
     if len(ids) < 2:
         raise ValueError("perplexity needs at least two tokens")
-    state = init_state(model.config, 1, -(-len(ids) // chunk) * chunk)
+    placement = Placement(model, mesh)
+    placement.check(1, chunk)
+    state = placement.fresh_state(1, -(-len(ids) // chunk) * chunk)
     total = 0.0
     for start in range(0, len(ids), chunk):
         piece = ids[start:start + chunk]
@@ -37,8 +28,7 @@ def perplexity(model, tokens, chunk: int = 512) -> dict:
         targets = np.zeros((1, chunk), np.int32)
         targets[0, :len(following)] = following
         scored = np.arange(chunk)[None] < len(following)
-        nll, state = _chunk_nll(model.graphdef, model.params, state, jnp.asarray(padded),
-                                jnp.array([len(piece)], jnp.int32), jnp.asarray(targets), jnp.asarray(scored))
-        total += float(nll)
+        chosen, _, state = placement.token_logprobs(state, padded, np.array([len(piece)], np.int32), targets)
+        total -= float(np.sum(np.asarray(chosen, np.float64)[scored]))
     count = len(ids) - 1
     return {"tokens": count, "nll": total / count, "perplexity": math.exp(total / count)}
