@@ -21,9 +21,12 @@ class ByteTokenizer:
                              f"for byte tokens; pass token ids instead of text")
         return [b + self.offset for b in text.encode("utf-8")]
 
-    def decode(self, ids) -> str:
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
         data = bytes(i - self.offset for i in ids if self.offset <= i < 256 + self.offset)
         return data.decode("utf-8", errors="replace")
+
+    def special_tokens(self) -> dict[int, str]:
+        return {}
 
 
 class JsonTokenizer:
@@ -35,8 +38,12 @@ class JsonTokenizer:
     def encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=False).ids
 
-    def decode(self, ids) -> str:
-        return self._tokenizer.decode(list(ids), skip_special_tokens=True)
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def special_tokens(self) -> dict[int, str]:
+        """id -> text of every token the tokenizer marks special."""
+        return {i: t.content for i, t in self._tokenizer.get_added_tokens_decoder().items() if t.special}
 
 
 def load_tokenizer(directory: str | os.PathLike | None, vocab_size: int):

@@ -263,13 +263,8 @@ class StructuralDecoder:
     the rest of it."""
 
     def __init__(self, tokenizer):
-        inner = getattr(tokenizer, "_tokenizer", None)  # `tokenizers.Tokenizer` behind dsv4jax's JsonTokenizer
-        if inner is not None:
-            dropped = {i for i, token in inner.get_added_tokens_decoder().items()
-                       if token.special and token.content not in STRUCTURAL_TOKENS}
-            self._decode = lambda ids: inner.decode([i for i in ids if i not in dropped], skip_special_tokens=False)
-        else:
-            self._decode = tokenizer.decode
+        dropped = {i for i, text in tokenizer.special_tokens().items() if text not in STRUCTURAL_TOKENS}
+        self._decode = lambda ids: tokenizer.decode([i for i in ids if i not in dropped], skip_special_tokens=False)
         self._ids: list[int] = []
         self._prefix = 0
         self._read = 0
