@@ -1,0 +1,837 @@
+"""The full V4-Flash model over 8 GPUs (issue #9, third item), written to bench/results/<name>.json:
+
+1. write a random checkpoint in the official format (FP8 e4m3 linears with 128×128 UE8M0 block scales, packed FP4
+   routed experts with 1×32 scales, bf16/fp32 elsewhere; config.json + model-*.safetensors + index), file by file;
+2. load it sharded over every device (the rules table: experts over cp×ep, the rest replicated);
+3. the serving engine over the mesh (speculative_steps=1, MTP): an untimed warm-up request, then a prefill of
+   `--prompt` random tokens and `--decode-steps` decode steps; time to first token, decode tokens/s, mean
+   acceptance length.
+
+    python3 bench/full_model.py --kind nvidia-h200-x8            # 43 layers, ep=8, 4k prompt, 64 decode steps
+
+Both engine executables are compiled in a background thread from abstract sharded parameters as soon as the plan
+exists, so compiling overlaps writing and loading. The results file is rewritten after every phase (and copied to
+$OUT when set), so a run stopped at its time limit still returns the phases it finished.
+
+Why not the library's writer and loader for the full model (both are used, and checked against, in small runs):
+`save_checkpoint` needs the whole model in host memory, and `load_sharded` (`read_host_params`) builds every
+parameter as a host array in the model dtype (bf16: ~580 GB for 291 B parameters, above the 560 GiB host) with
+single-threaded numpy dequantisation (~50 ms per 2048×4096 FP4 expert matrix on one core: ~28 min for 33,792).
+Here each device gets only the packed codes and scales of its shards, dequantised on the device; `--check`
+(default: small models only) verifies that the result equals `load_sharded`'s bit for bit and compares the first
+token's logits over the mesh with the one-device model, in bf16 and in fp32.
+
+Random values: FP8 codes have exponents 2^-1..2^0 and random sign/mantissa (never the NaN code), FP4 codes are
+uniform random bytes (every E2M1 code is finite), with one power-of-two scale per tensor giving the fan-in RMS of
+the model's initialiser; the other tensors follow the model's initialisers (dsv4jax/model/*.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as futures
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import struct
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+# The XLA GPU pool defaults to 75% of each GPU: the full model's shards (~85 GB at ep=8) need more headroom.
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+
+from bench.common import device_slug, write_results  # noqa: E402
+from dsv4jax import quant  # noqa: E402
+from dsv4jax.checkpoint.names import official_names, path_key  # noqa: E402
+from dsv4jax.checkpoint.safetensors_io import DTYPES, INDEX_FILENAME, read_index  # noqa: E402
+from dsv4jax.checkpoint.writer import FP8_LINEAR, FP32_TENSOR, ROUTED_EXPERT  # noqa: E402
+from dsv4jax.config import load_config, save_config  # noqa: E402
+from dsv4jax.sharding.mesh import make_mesh, parse_mesh_spec  # noqa: E402
+from dsv4jax.sharding.params import abstract_model, device_bytes  # noqa: E402
+from dsv4jax.sharding.rules import param_shardings  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+FLASH = ROOT / "configs" / "deepseek-v4-flash.json"
+T0 = time.perf_counter()
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')} +{time.perf_counter() - T0:7.1f}s] {message}", flush=True)
+
+
+def gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the checkpoint plan: every official tensor, its on-disk dtype/shape, how its values are drawn and its file
+
+FP8_CODE_RMS = 1.1588  # RMS of the codes drawn below: |v| in [0.5, 2) with e4m3's 8 mantissa steps
+FP4_CODE_RMS = float(np.sqrt(np.mean(quant.E2M1_LUT ** 2)))  # uniform random bytes: every E2M1 code equally likely
+
+
+@dataclasses.dataclass
+class Tensor:
+    name: str
+    dtype: str  # safetensors dtype string
+    shape: tuple[int, ...]
+    init: str  # fp8 | fp4 | scale | normal | one_plus | ones | hash
+    std: float = 0.0
+    fill: int = 0  # the scale byte (UE8M0) for init == "scale"
+    experts: int = 0  # for init == "hash": n_routed_experts
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPES[self.dtype].itemsize
+
+
+def _e8m0_byte(std: float, code_rms: float) -> int:
+    return 127 + int(round(math.log2(std / code_rms)))
+
+
+def _plain_init(name: str, shape) -> tuple[str, float]:
+    """The model's initialiser for an unquantised tensor (init.py, mhc.py, attention.py, compressor.py, moe.py)."""
+    if name.endswith("norm.weight"):
+        return "ones", 0.0
+    rules = ((r"hc_(attn|ffn|head)_fn$", "normal", 0.02), (r"hc_(attn|ffn|head)_base$", "normal", 0.1),
+             (r"hc_(attn|ffn|head)_scale$", "one_plus", 0.1), (r"attn_sink$", "normal", 1.0),
+             (r"\.ape$", "normal", 0.5), (r"gate\.bias$", "normal", 0.1), (r"^embed\.weight$", "normal", 1.0))
+    for pattern, init, std in rules:
+        if re.search(pattern, name):
+            return init, std
+    if len(shape) >= 2:
+        return "normal", shape[-1] ** -0.5  # fan_in_normal (the head too: D^-0.5)
+    log(f"warning: no initialiser known for {name} {tuple(shape)}; drawing N(0, 0.1)")
+    return "normal", 0.1
+
+
+def plan_checkpoint(config) -> tuple[list[tuple[str, list[Tensor]]], nnx.GraphDef, nnx.State]:
+    """[(file name, tensors)] in the official naming, as `save_checkpoint(quantize=True)` would write them."""
+    graphdef, abstract = abstract_model(config)
+    groups: dict[str, list[Tensor]] = {}
+    for path, var in nnx.to_flat_state(abstract):
+        key, value = path_key(path), var.get_value()
+        for name, expert in official_names(key, value.shape[0] if value.shape else 0):
+            shape = tuple(value.shape if expert is None else value.shape[1:])
+            match = re.match(r"(layers|mtp)\.(\d+)\.", name)
+            # One file per layer; the embedding and the head (drawn in bf16, the slowest) one file each.
+            top = name.split(".")[0] if name.startswith(("embed.", "head.")) else "top"
+            group = groups.setdefault(f"{match[1]}-{int(match[2]):03d}" if match else top, [])
+            base = name[:-len("weight")]
+            if FP8_LINEAR.search(name):
+                rows, cols = shape
+                group.append(Tensor(name, "F8_E4M3", shape, "fp8"))
+                group.append(Tensor(base + "scale", "F8_E8M0", (-(-rows // 128), -(-cols // 128)), "scale",
+                                    fill=_e8m0_byte(cols ** -0.5, FP8_CODE_RMS)))
+            elif ROUTED_EXPERT.search(name):
+                rows, cols = shape
+                group.append(Tensor(name, "I8", (rows, cols // 2), "fp4"))
+                group.append(Tensor(base + "scale", "F8_E8M0", (rows, -(-cols // 32)), "scale",
+                                    fill=_e8m0_byte(cols ** -0.5, FP4_CODE_RMS)))
+            elif np.dtype(value.dtype).kind in "iu":
+                group.append(Tensor(name, "I32", shape, "hash", experts=config.n_routed_experts))
+            else:
+                init, std = _plain_init(name, shape)
+                group.append(Tensor(name, "F32" if FP32_TENSOR.search(name) else "BF16", shape, init, std))
+    order = sorted(groups, key=lambda g: (g.startswith("layers"), g.startswith("mtp"), g))
+    names = [f"model-{i + 1:05d}-of-{len(order):05d}.safetensors" for i in range(len(order))]
+    return list(zip(names, (groups[g] for g in order))), graphdef, abstract
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# writing: one thread per file, values drawn block by block (numpy releases the GIL while drawing and writing)
+
+BLOCK_ELEMENTS = 1 << 24
+
+
+def _blocks(tensor: Tensor, rng: np.random.Generator):
+    count = math.prod(tensor.shape)
+    if tensor.init == "hash":  # tid2eid: k distinct experts per token, rows drawn in blocks
+        vocab, k = tensor.shape
+        step = max(1, BLOCK_ELEMENTS // tensor.experts)
+        for start in range(0, vocab, step):
+            noise = rng.random((min(step, vocab - start), tensor.experts), dtype=np.float32)
+            yield np.ascontiguousarray(np.argpartition(noise, k - 1, axis=1)[:, :k].astype(np.int32))
+        return
+    for start in range(0, count, BLOCK_ELEMENTS):
+        n = min(BLOCK_ELEMENTS, count - start)
+        if tensor.init == "fp4":
+            yield rng.integers(0, 256, n, dtype=np.uint8)
+        elif tensor.init == "fp8":  # sign and mantissa random, exponent field 0110/0111: never 0x7F/0xFF (NaN)
+            codes = rng.integers(0, 256, n, dtype=np.uint8)
+            codes &= 0x8F
+            codes |= 0x30
+            yield codes
+        elif tensor.init == "scale":
+            yield np.full(n, tensor.fill, np.uint8)
+        elif tensor.init == "ones":
+            yield np.ones(n, DTYPES[tensor.dtype])
+        else:
+            values = rng.standard_normal(n, dtype=np.float32)
+            values *= np.float32(tensor.std)
+            if tensor.init == "one_plus":
+                values += np.float32(1.0)
+            yield values.astype(DTYPES[tensor.dtype])
+
+
+def write_safetensors(path: Path, tensors: list[Tensor], seed: int, counter: list) -> int:
+    header, offset = {}, 0
+    for t in tensors:
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    header["__metadata__"] = {"format": "pt"}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    rng = np.random.Generator(np.random.SFC64(seed))
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "wb") as file:
+        file.write(struct.pack("<Q", len(raw)))
+        file.write(raw)
+        for t in tensors:
+            written = 0
+            for block in _blocks(t, rng):
+                file.write(block)
+                written += block.nbytes
+                counter[0] += block.nbytes  # progress only (races just blur the figure)
+            assert written == t.nbytes, (t.name, written, t.nbytes)
+    os.replace(temporary, path)
+    return offset
+
+
+def write_checkpoint(directory: Path, config, files, threads: int, seed: int) -> dict:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / INDEX_FILENAME).unlink(missing_ok=True)  # written last: a checkpoint is complete once it exists
+    planned = {name for name, _ in files}
+    for stale in directory.glob("model-*-of-*.safetensors"):
+        if stale.name not in planned:
+            stale.unlink()
+    save_config(config.replace(weight_block_size=(128, 128), expert_dtype="fp4"), directory / "config.json")
+    total = sum(t.nbytes for _, tensors in files for t in tensors)
+    counter, start = [0], time.perf_counter()
+    with futures.ThreadPoolExecutor(threads) as pool:
+        # The largest files first so that the last round is short.
+        jobs = [pool.submit(write_safetensors, directory / name, tensors, seed * 100003 + i, counter)
+                for i, (name, tensors) in sorted(enumerate(files), key=lambda f: -sum(t.nbytes for t in f[1][1]))]
+        while True:
+            done, pending = futures.wait(jobs, timeout=15)
+            elapsed = time.perf_counter() - start
+            log(f"  written {gb(counter[0])} of {gb(total)} ({counter[0] / elapsed / 1e9:.2f} GB/s)")
+            if not pending:
+                break
+        for job in jobs:
+            job.result()
+    weight_map = {t.name: name for name, tensors in files for t in tensors}
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / INDEX_FILENAME).write_text(json.dumps(index, indent=1))
+    seconds = time.perf_counter() - start
+    return {"checkpoint_bytes": total, "files": len(files), "write_s": seconds, "write_gb_per_s": total / seconds / 1e9}
+
+
+def complete_checkpoint(directory: Path, files) -> bool:
+    """A checkpoint written earlier by this script with the same plan (for --reuse)."""
+    try:
+        index = json.loads((directory / INDEX_FILENAME).read_text())
+    except (OSError, ValueError):
+        return False
+    expected = {t.name: name for name, tensors in files for t in tensors}
+    return index.get("weight_map") == expected and all((directory / name).is_file() for name, _ in files)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# loading: each device receives the packed codes and scales of its shards; dequantised on the device
+
+class Reader:
+    """Positional reads (thread-safe) of tensors named in a checkpoint's index."""
+
+    def __init__(self, directory: Path):
+        self.weight_map = read_index(directory)
+        self.entries, self.fds = {}, {}
+        for file in sorted(set(self.weight_map.values())):
+            fd = os.open(directory / file, os.O_RDONLY)
+            self.fds[file] = fd
+            (length,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+            header = json.loads(os.pread(fd, length, 8))
+            header.pop("__metadata__", None)
+            for name, entry in header.items():
+                begin, end = entry["data_offsets"]
+                self.entries[name] = (fd, entry["dtype"], tuple(entry["shape"]), 8 + length + begin, end - begin)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def dtype(self, name: str) -> str:
+        return self.entries[name][1]
+
+    def read_into(self, name: str, out: np.ndarray) -> None:
+        fd, _, _, offset, nbytes = self.entries[name]
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        if len(view) != nbytes:
+            raise ValueError(f"{name}: {len(view)} bytes asked, {nbytes} stored")
+        done = 0
+        while done < nbytes:
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise OSError(f"{name}: short read at {done} of {nbytes} bytes")
+            done += n
+
+    def read(self, name: str) -> np.ndarray:
+        _, dtype, shape, _, _ = self.entries[name]
+        out = np.empty(shape, DTYPES[dtype])
+        self.read_into(name, out)
+        return out
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+
+
+def _fitting(sharding: NamedSharding, shape) -> NamedSharding:
+    """The param's sharding for an on-disk array (codes: last axis halved; scales: blocks), dropping the mesh
+    axes that do not divide a dimension (those parts are sliced on the device instead)."""
+    spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
+    entries = []
+    for dim, entry in zip(shape, spec):
+        axes = () if entry is None else entry if isinstance(entry, tuple) else (entry,)
+        entries.append(entry if dim % math.prod(sharding.mesh.shape[a] for a in axes) == 0 else None)
+    return NamedSharding(sharding.mesh, P(*entries))
+
+
+def _e8m0(scale):
+    """UE8M0 bytes -> 2^(b-127) as fp32 (b=0: 2^-127, b=0xFF: NaN), as quant._e8m0_to_float32."""
+    bits = scale.astype(jnp.uint32) << 23
+    bits = jnp.where(scale == 0, jnp.uint32(0x00400000), bits)
+    bits = jnp.where(scale == 0xFF, jnp.uint32(0x7FC00000), bits)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _dequant_fp4(packed, scale, dtype):
+    """packed [..., R, C/2] uint8 (element 2c in the low nibble), scale [..., R, ceil(C/32)] -> [..., R, C]."""
+    codes = jnp.stack([packed & 0xF, packed >> 4], axis=-1).reshape(*packed.shape[:-1], 2 * packed.shape[-1])
+    # E2M1 (§10.2, quant.E2M1_LUT) by arithmetic, which fuses, rather than a table gather, which may not:
+    # exponent bits 0 -> m·0.5, else (1 + m/2)·2^(e−1); bit 3 is the sign.
+    exponent, mantissa = ((codes >> 1) & 3).astype(jnp.int32), (codes & 1).astype(jnp.float32)
+    magnitude = jnp.where(exponent == 0, 0.5 * mantissa,
+                          (1.0 + 0.5 * mantissa) * (jnp.left_shift(1, exponent).astype(jnp.float32) * 0.5))
+    values = jnp.where(codes >= 8, -magnitude, magnitude)
+    scales = jnp.repeat(_e8m0(scale), quant.FP4_WEIGHT_BLOCK, axis=-1)[..., :values.shape[-1]]
+    return (values * scales).astype(dtype)
+
+
+def _dequant_fp8(codes, scale, dtype):
+    """codes [..., R, C] e4m3 bytes, scale [..., ceil(R/128), ceil(C/128)] -> [..., R, C]."""
+    values = jax.lax.bitcast_convert_type(codes, jnp.float8_e4m3fn).astype(jnp.float32)
+    rows, cols = codes.shape[-2:]
+    scales = jnp.repeat(jnp.repeat(_e8m0(scale), 128, axis=-2)[..., :rows, :], 128, axis=-1)[..., :cols]
+    return (values * scales).astype(dtype)
+
+
+_JITTED: dict = {}
+_JITTED_LOCK = threading.Lock()
+
+
+def _dequantizer(kind: str, sharding, dtype):
+    key = (kind, sharding, jnp.dtype(dtype).name)
+    with _JITTED_LOCK:
+        if key not in _JITTED:
+            body = _dequant_fp4 if kind == "fp4" else _dequant_fp8
+            _JITTED[key] = jax.jit(lambda codes, scale: body(codes, scale, jnp.dtype(dtype)), out_shardings=sharding)
+        return _JITTED[key]
+
+
+def _scale_name(name: str) -> str:
+    return name[:-len("weight")] + "scale"
+
+
+def _load_param(reader: Reader, key: str, target, sharding: NamedSharding) -> tuple[jax.Array, int]:
+    """One parameter as a global array with `sharding`; returns it and the bytes sent to the devices."""
+    names = official_names(key, target.shape[0] if target.shape else 0)
+    stacked, first = names[0][1] is not None, names[0][0]
+    kind = {"I8": "fp4", "F8_E4M3": "fp8"}.get(reader.dtype(first)) if _scale_name(first) in reader else None
+    sent = 0
+
+    def transfer(suffix, array_sharding, convert):
+        """The on-disk tensor(s) as a global array; a stacked one is read expert by expert, each device reading
+        only its experts."""
+        nonlocal sent
+        inner = reader.entries[suffix(first)][2]
+        shape = (len(names), *inner) if stacked else inner
+        if stacked:
+            disk_dtype = DTYPES[reader.dtype(suffix(first))]
+
+            def callback(index):
+                experts, rest = range(*index[0].indices(shape[0])), tuple(index[1:])
+                if all(s.indices(n) == (0, n, 1) for s, n in zip(rest, shape[1:])):
+                    out = np.empty((len(experts), *shape[1:]), disk_dtype)
+                    for i, e in enumerate(experts):
+                        reader.read_into(suffix(names[e][0]), out[i])
+                    return convert(out)
+                return convert(np.stack([reader.read(suffix(names[e][0]))[rest] for e in experts]))
+        else:
+            value = convert(reader.read(suffix(first)))
+
+            def callback(index):
+                return value[index]
+        array = jax.make_array_from_callback(shape, array_sharding, callback)
+        sent += sum(s.data.nbytes for s in array.addressable_shards)
+        return array
+
+    if kind is None:  # bf16/fp32/int tensors (and stacked experts of an unquantised checkpoint)
+        return transfer(_identity, sharding, lambda a: a.astype(target.dtype, copy=False)), sent
+    as_bytes = lambda a: a.view(np.uint8)  # noqa: E731  (int8 / float8 codes travel as raw bytes)
+    codes = transfer(_identity, _fitting(sharding, (len(names),) * stacked + reader.entries[first][2]), as_bytes)
+    scale_shape = (len(names),) * stacked + reader.entries[_scale_name(first)][2]
+    # FP8 scales cover 128-row blocks, which need not align with the shards: tiny, so replicated.
+    scale_sharding = _fitting(sharding, scale_shape) if kind == "fp4" else NamedSharding(sharding.mesh, P())
+    scale = transfer(_scale_name, scale_sharding, as_bytes)
+    # Waiting here bounds the packed inputs and temporaries in flight on the devices to one per load thread.
+    return _dequantizer(kind, sharding, target.dtype)(codes, scale).block_until_ready(), sent
+
+
+def _identity(name: str) -> str:
+    return name
+
+
+def load_streaming(directory: Path, abstract: nnx.State, shardings: nnx.State, threads: int) -> tuple[nnx.State, dict]:
+    reader = Reader(directory)
+    flat = nnx.to_flat_state(abstract)
+    sharding_of = {path_key(p): v.get_value() for p, v in nnx.to_flat_state(shardings)}
+    jobs, arrays, sent = {}, {}, [0]
+    start = time.perf_counter()
+    sizes = {path_key(p): math.prod(v.get_value().shape) * np.dtype(v.get_value().dtype).itemsize for p, v in flat}
+    with futures.ThreadPoolExecutor(threads) as pool:
+        for path, var in sorted(flat, key=lambda pv: -sizes[path_key(pv[0])]):
+            key = path_key(path)
+            jobs[pool.submit(_load_param, reader, key, var.get_value(), sharding_of[key])] = key
+        last = time.perf_counter()
+        for job in futures.as_completed(jobs):
+            arrays[jobs[job]], nbytes = job.result()
+            sent[0] += nbytes
+            if time.perf_counter() - last > 15:
+                last = time.perf_counter()
+                log(f"  loaded {len(arrays)} of {len(jobs)} params, {gb(sent[0])} sent to devices")
+    jax.block_until_ready(list(arrays.values()))
+    reader.close()
+    seconds = time.perf_counter() - start
+    params = nnx.from_flat_state([(p, v.replace(arrays[path_key(p)])) for p, v in flat])
+    return params, {"load_s": seconds, "host_to_device_bytes": sent[0]}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the engine: built from abstract sharded params so that compiling does not wait for the weights
+
+class ModelStub:
+    """What `Engine` reads of a `dsv4jax.api.Model`."""
+
+    def __init__(self, config, graphdef, params):
+        from dsv4jax.tokenizer import load_tokenizer
+
+        self.config, self.graphdef, self.params = config, graphdef, params
+        self.tokenizer = load_tokenizer(None, config.vocab_size)
+
+    def encode(self, prompt):
+        return [int(t) for t in prompt]
+
+
+def build_engine(config, graphdef, abstract_sharded, mesh, device_mesh, engine_config):
+    """`Engine(model, engine_config, mesh=...)` except that the params are abstract (ShapeDtypeStructs with their
+    rules-table shardings) until `engine.params` is set: `Engine` device_puts whatever params it is given."""
+    from dsv4jax.serve.engine import Engine
+    from dsv4jax.sharding.serving import MeshModelCalls
+
+    engine = Engine(ModelStub(config, graphdef, abstract_sharded), engine_config)
+    engine.calls = MeshModelCalls(graphdef, mesh, device_mesh)
+    engine.caches = engine.calls.replicate(engine.caches)
+    unaligned = [c for c in engine_config.chunk_buckets() if c % engine.calls.alignment]
+    if unaligned:
+        raise ValueError(f"prefill chunk {unaligned} is not a multiple of the cp alignment {engine.calls.alignment}")
+    return engine
+
+
+def lower(engine, kind: str, rows: int, chunk: int | None):
+    """`Engine._compile` without its final `.compile()`, so that the two compiles can run at once."""
+    import functools
+
+    from dsv4jax.serve.speculative import speculative_step
+    from dsv4jax.serve.steps import decode_step, prefill_step
+
+    batch = engine._batch([], rows)
+    donate = () if jax.default_backend() == "cpu" else (1,)
+    if kind == "prefill":
+        function = functools.partial(prefill_step, engine.calls, prompt_logprobs=engine.config.prompt_logprobs)
+        ids = np.zeros((rows, chunk), np.int32)
+        example = (batch, ids, np.zeros((rows,), np.int32), ids, np.zeros((rows,), bool))
+    else:
+        steps = engine.config.speculative_steps
+        function = (functools.partial(speculative_step, engine.calls, steps=steps) if steps
+                    else functools.partial(decode_step, engine.calls))
+        example = (batch, np.zeros((rows,), np.int32), np.zeros((rows,), bool))
+    return jax.jit(function, donate_argnums=donate).lower(engine.params, engine.caches, *example)
+
+
+def compile_engine(engine, chunk: int, kernels: str, times: dict) -> dict:
+    """Both executables: lowered one after the other (Python), compiled at once (XLA releases the GIL)."""
+    from dsv4jax import pallas
+
+    keys = [("prefill", 1, chunk), ("decode", 1, None)]
+    compiled = {}
+
+    def compile_one(key, lowered):
+        began = time.perf_counter()
+        compiled[key] = lowered.compile()
+        times[f"compile_{key[0]}_s"] = time.perf_counter() - began
+        log(f"  compiled {key[0]} in {times[f'compile_{key[0]}_s']:.1f} s")
+
+    workers = []
+    for key in keys:
+        began = time.perf_counter()
+        with pallas.use(kernels):  # kernels are chosen while tracing
+            lowered = lower(engine, *key)
+        times[f"lower_{key[0]}_s"] = time.perf_counter() - began
+        log(f"  lowered {key[0]} in {times[f'lower_{key[0]}_s']:.1f} s")
+        workers.append(threading.Thread(target=compile_one, args=(key, lowered)))
+        workers[-1].start()
+    for worker in workers:
+        worker.join()
+    return compiled
+
+
+def run_request(engine, prompt: list[int], decode_steps: int, max_tokens: int) -> dict:
+    """Submit one request; its first step (prefill, then one decode step in the same engine step), then
+    `decode_steps` timed decode steps."""
+    from dsv4jax.serve.sampling import SamplingParams
+
+    before = dict(engine.counters)
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, logprobs=0)
+    start = time.perf_counter()
+    rid = engine.submit(prompt, sampling)
+    tokens, logprobs = [], []
+    while not tokens:
+        for out in engine.step():
+            tokens += out.token_ids
+            logprobs += out.logprobs
+    first_step_s = time.perf_counter() - start
+    first_tokens = len(tokens)
+    step_times = []
+    for _ in range(decode_steps):
+        if not engine.has_unfinished():
+            break
+        began = time.perf_counter()
+        for out in engine.step():
+            tokens += out.token_ids
+            logprobs += out.logprobs
+        step_times.append(time.perf_counter() - began)
+    decode_s = sum(step_times)
+    while engine.has_unfinished():  # release the slot
+        engine.abort(rid)
+        engine.step()
+    rounds = engine.counters["speculative_rounds"] - before["speculative_rounds"]
+    accepted = engine.counters["accepted_tokens"] - before["accepted_tokens"]
+    decoded = len(tokens) - first_tokens
+    median = float(np.median(step_times)) if step_times else None
+    return {"prompt_tokens": len(prompt), "first_step_s": first_step_s,
+            "prefill_s_estimate": first_step_s - median if median is not None else None,
+            "decode_steps": len(step_times), "decode_s": decode_s, "decode_tokens": decoded,
+            "output_tokens_per_s": decoded / decode_s if decode_s else None,
+            "median_step_ms": 1e3 * median if median is not None else None,
+            "mean_acceptance_length": (accepted + rounds) / rounds if rounds else None,
+            "first_token": tokens[0], "tokens": tokens[:16], "logprobs": [round(x, 3) for x in logprobs[:16]],
+            "logprobs_finite": bool(np.isfinite(logprobs).all())}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# correctness (small models): the streaming load against `load_sharded`, the mesh against one device
+
+def _rel_l2(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def check(directory: Path, params, mesh, device_mesh, prompt: list[int], first_token: int | None) -> dict:
+    """bf16: the streamed params equal `load_sharded`'s bit for bit; first-token logits over the mesh vs one device.
+    fp32 (the same checkpoint streamed in fp32): the same logits comparison without bf16 rounding."""
+    from dsv4jax import run
+    from dsv4jax.checkpoint.loader import load_model
+    from dsv4jax.model import init_state
+    from dsv4jax.sharding.engine import ShardedRunner
+    from dsv4jax.sharding.params import load_sharded
+
+    result = {}
+    config, graphdef, library = load_sharded(directory, mesh, device_mesh, progress=False)
+    mine, theirs = jax.tree.leaves(params), jax.tree.leaves(library)
+    same = [np.array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8)) and a.sharding == b.sharding
+            for a, b in zip(mine, theirs)]
+    result["params_equal_load_sharded"] = all(same) and len(mine) == len(theirs)
+    result["params_differing"] = int(len(same) - sum(same))
+    del library
+    ids = jnp.asarray([prompt], jnp.int32)
+    num_new = jnp.asarray([len(prompt)], jnp.int32)
+    max_len = -(-(len(prompt) + 1) // 256) * 256
+
+    def first_logits(dtype, sharded_params, sharded_graphdef):
+        cfg = config.replace(dtype=dtype)
+        single_graphdef, single_params = nnx.split(load_model(directory, dtype=dtype, progress=False))
+        one, _, _ = run.prefill(single_graphdef, single_params, init_state(cfg, 1, max_len), ids, num_new)
+        runner = ShardedRunner(sharded_graphdef, mesh, device_mesh)
+        many, _, _ = runner.prefill(sharded_params, init_state(cfg, 1, max_len), ids, num_new)
+        return np.asarray(one, np.float32)[0], np.asarray(many, np.float32)[0]
+
+    one, many = first_logits("bfloat16", params, graphdef)
+    result["first_token_logits_rel_l2_mesh_vs_one_device_bf16"] = _rel_l2(many, one)
+    result["logits_finite"] = bool(np.isfinite(many).all())
+    result["argmax_equal_bf16"] = int(many.argmax()) == int(one.argmax())
+    if first_token is not None:
+        result["engine_first_token_equals_one_device_argmax"] = first_token == int(one.argmax())
+    graphdef32, abstract32 = abstract_model(config.replace(dtype="float32"))
+    params32, _ = load_streaming(directory, abstract32, param_shardings(abstract32, mesh, device_mesh), 2)
+    one, many = first_logits("float32", params32, graphdef32)
+    result["first_token_logits_rel_l2_mesh_vs_one_device_fp32"] = _rel_l2(many, one)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------------------
+
+def choose_directory(requested: str | None, needed: int) -> Path:
+    if requested:
+        return Path(requested)
+    candidates = [Path("/dev/shm"), Path(tempfile.gettempdir()), ROOT / "tmp"]
+    for base in candidates:
+        try:
+            if base.is_dir() and shutil.disk_usage(base).free > needed * 1.05 + (2 << 30):
+                return base / "dsv4jax-full-model"
+        except OSError:
+            continue
+    free = {str(c): gb(shutil.disk_usage(c).free) for c in candidates if c.is_dir()}
+    raise SystemExit(f"no directory has room for the {gb(needed)} checkpoint (free: {free}); use --layers N or "
+                     f"--out-dir")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=str(FLASH))
+    parser.add_argument("--layers", type=int, default=None, help="main layers (default: the config's, 43 for Flash)")
+    parser.add_argument("--experts", type=int, default=None, help="routed experts (default: the config's; fewer "
+                                                                     "only to try the script on a small host)")
+    parser.add_argument("--mesh", default=None, help="mesh spec, e.g. ep=8 or cp=2,ep=4 (default: ep=<devices>)")
+    parser.add_argument("--moe-mode", default="gather", choices=("gather", "all_to_all"))
+    parser.add_argument("--cp-mode", default="round_robin", choices=("round_robin", "zigzag"))
+    parser.add_argument("--prompt", type=int, default=4096, help="prompt tokens (one prefill chunk)")
+    parser.add_argument("--decode-steps", type=int, default=64)
+    parser.add_argument("--out-dir", default=None, help="checkpoint directory (default: /dev/shm, else the temp dir, "
+                                                        "else tmp/ in the repository, whichever has room)")
+    parser.add_argument("--reuse", action="store_true", help="keep a complete checkpoint already in --out-dir")
+    parser.add_argument("--keep", action="store_true", help="do not delete the checkpoint at the end")
+    parser.add_argument("--write-threads", type=int, default=min(48, os.cpu_count() or 1))
+    parser.add_argument("--load-threads", type=int, default=min(16, os.cpu_count() or 1))
+    parser.add_argument("--loader", default="stream", choices=("stream", "library"),
+                        help="library: dsv4jax.sharding.params.load_sharded (whole model on the host)")
+    parser.add_argument("--check", default="auto", choices=("auto", "on", "off"),
+                        help="auto: on when the model is below 4 GB in bf16")
+    parser.add_argument("--kernels", default="auto", choices=("auto", "reference", "pallas"),
+                        help="dsv4jax.pallas implementation for the engine's executables")
+    parser.add_argument("--compile-only", action="store_true", help="plan and compile, no checkpoint (estimates)")
+    parser.add_argument("--kind", default=None, help="the device tool's kind, for the results name")
+    parser.add_argument("--name", default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    n = jax.device_count()
+    kind = args.kind or f"{device_slug()}-x{n}"
+    name = args.name or f"multi-gpu-{kind}-full-model"
+    mesh = parse_mesh_spec(args.mesh or f"ep={n}", moe_mode=args.moe_mode, cp_mode=args.cp_mode)
+    device_mesh = make_mesh(mesh)
+    config = load_config(args.config, dtype="bfloat16")
+    if args.layers is not None:
+        mtp_ratios = config.compress_ratios[config.num_hidden_layers:]
+        config = config.replace(num_hidden_layers=args.layers, num_hash_layers=min(config.num_hash_layers, args.layers),
+                                compress_ratios=tuple(config.compress_ratios[:args.layers]) + tuple(mtp_ratios))
+    if args.experts is not None:
+        config = config.replace(n_routed_experts=args.experts)
+    mesh.check_model(config)
+
+    phases, summary, records = {}, {"status": "planning"}, []
+    run_config = {**vars(args), "mesh": args.mesh or f"ep={n}", "devices": n, "layers": config.num_hidden_layers,
+                  "mtp_layers": config.num_mtp_layers,
+                  "routed_experts": config.n_routed_experts}
+
+    def save(status: str) -> None:
+        summary["status"] = status
+        path = write_results(name, run_config, records, {"phases": phases, "summary": summary})
+        if os.environ.get("OUT") and Path(os.environ["OUT"]).is_dir():
+            shutil.copy(path, os.environ["OUT"])
+
+    def run_phases() -> None:
+        log(f"{n} × {jax.devices()[0].device_kind}, mesh {mesh.shape} ({args.moe_mode}), {config.num_hidden_layers} "
+            f"layers + {config.num_mtp_layers} MTP")
+        began = time.perf_counter()
+        files, graphdef, abstract = plan_checkpoint(config)
+        shardings = param_shardings(abstract, mesh, device_mesh)
+        abstract_sharded = jax.tree.map(
+            lambda v, s: v.replace(jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype,
+                                                        sharding=s.get_value())),
+            abstract, shardings, is_leaf=_is_var)
+        leaves = [(v.get_value(), s.get_value()) for v, s in zip(jax.tree.leaves(abstract, is_leaf=_is_var),
+                                                               jax.tree.leaves(shardings, is_leaf=_is_var))]
+        parameters = sum(math.prod(a.shape) for a, _ in leaves)
+        model_bytes = sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a, _ in leaves)
+        per_device = sum(math.prod(s.shard_shape(a.shape)) * np.dtype(a.dtype).itemsize for a, s in leaves)
+        checkpoint_bytes = sum(t.nbytes for _, tensors in files for t in tensors)
+        memory = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+        summary.update(parameters=parameters, model_bytes=model_bytes, planned_param_bytes_per_device=per_device,
+                       checkpoint_bytes=checkpoint_bytes, checkpoint_files=len(files), device_memory_bytes=memory)
+        phases["plan_s"] = time.perf_counter() - began
+        log(f"plan: {parameters / 1e9:.3f} B parameters ({gb(model_bytes)} in bf16/fp32), checkpoint "
+            f"{gb(checkpoint_bytes)} in {len(files)} files, {gb(per_device)} of parameters per device"
+            + (f" (device memory {gb(memory)})" if memory else ""))
+        if memory and per_device > memory:
+            save("does not fit")
+            raise SystemExit(f"{gb(per_device)} per device exceeds the {gb(memory)} each device has: use more devices "
+                             f"on the expert axis or --layers")
+        save("planned")
+
+        # Engine executables: compiled in the background from the abstract params.
+        max_tokens = 2 * (args.decode_steps + 2) + 2
+        page = 256
+        from dsv4jax.serve.engine import EngineConfig
+
+        engine_config = EngineConfig(
+            max_running_requests=1, max_model_len=-(-(args.prompt + max_tokens + 8) // page) * page, page_tokens=page,
+            prefill_chunk=args.prompt, prefill_buckets=(args.prompt,), max_prefill_rows=1, decode_buckets=(1,),
+            prefill_row_buckets=(1,), speculative_steps=1, prompt_logprobs=False)
+        engine = build_engine(config, graphdef, abstract_sharded, mesh, device_mesh, engine_config)
+        compile_times, compiled = {}, {}
+
+        def compile_all():
+            began = time.perf_counter()
+            try:
+                compiled.update(compile_engine(engine, args.prompt, args.kernels, compile_times))
+            except BaseException as error:  # noqa: BLE001  (reported by the main thread)
+                compiled["error"] = error
+            compile_times["compile_total_s"] = time.perf_counter() - began
+
+        compiler = threading.Thread(target=compile_all, daemon=True)
+        compiler.start()
+        log("compiling prefill and decode in the background")
+        if args.compile_only:
+            compiler.join()
+            phases.update(compile_times)
+            if "error" in compiled:
+                raise compiled["error"]
+            save("compiled (compile-only)")
+            log(f"compile-only done: {compile_times}")
+            return
+
+        # Write.
+        directory = choose_directory(args.out_dir, checkpoint_bytes)
+        run_config["checkpoint_dir"] = str(directory)
+        summary["checkpoint_dir_free_bytes_before"] = shutil.disk_usage(directory.parent if not directory.exists()
+                                                                        else directory).free
+        if args.reuse and complete_checkpoint(directory, files):
+            log(f"reusing the checkpoint in {directory}")
+        else:
+            log(f"writing {gb(checkpoint_bytes)} to {directory} with {args.write_threads} threads")
+            written = write_checkpoint(directory, config, files, args.write_threads, args.seed)
+            phases["write_s"] = written["write_s"]
+            summary["write_gb_per_s"] = written["write_gb_per_s"]
+            log(f"written in {written['write_s']:.1f} s ({written['write_gb_per_s']:.2f} GB/s)")
+            save("written")
+
+        # Load.
+        log(f"loading sharded ({args.loader})")
+        began = time.perf_counter()
+        loaded_config = load_config(directory, dtype="bfloat16")
+        assert loaded_config.replace(weight_block_size=None, expert_dtype=None) == config.replace(
+            weight_block_size=None, expert_dtype=None), "config.json does not round-trip"
+        if args.loader == "library":
+            from dsv4jax.sharding.params import load_sharded
+
+            _, _, params = load_sharded(directory, mesh, device_mesh)
+            jax.block_until_ready(params)
+            load_info = {"load_s": time.perf_counter() - began}
+        else:
+            params, load_info = load_streaming(directory, abstract, shardings, args.load_threads)
+        phases["load_s"] = load_info["load_s"]
+        summary["host_to_device_bytes"] = load_info.get("host_to_device_bytes")
+        held = [device_bytes(params, d) for d in jax.devices()]
+        summary.update(param_bytes_per_device_max=max(held), param_bytes_per_device_min=min(held))
+        log(f"loaded in {load_info['load_s']:.1f} s; parameters per device {gb(min(held))}–{gb(max(held))}")
+        save("loaded")
+
+        # Compile (waits for the background thread).
+        began = time.perf_counter()
+        while compiler.is_alive():
+            compiler.join(timeout=30)
+            if compiler.is_alive():
+                phases.update(compile_times)
+                save(f"compiling ({time.perf_counter() - began:.0f} s after loading)")
+                log(f"  still compiling ({compile_times})")
+        phases.update(compile_times)
+        phases["compile_wait_after_load_s"] = time.perf_counter() - began
+        if "error" in compiled:
+            save("compile failed")
+            raise compiled["error"]
+        engine.params = params
+        for key, executable in compiled.items():
+            engine._executables[key] = executable
+            engine.compiles += 1
+        log(f"compiled ({compile_times}); waited {phases['compile_wait_after_load_s']:.1f} s after loading")
+        save("compiled")
+
+        # Prefill + decode: one untimed warm-up request (first executions), then the measured one.
+        rng = np.random.default_rng(args.seed)
+        vocab = config.vocab_size
+        warm = run_request(engine, rng.integers(3, vocab, size=args.prompt).tolist(), 2, max_tokens)
+        records.append({"part": "warm-up", **warm})
+        phases["warmup_request_s"] = warm["first_step_s"] + warm["decode_s"]
+        log(f"warm-up: first step {warm['first_step_s']:.2f} s")
+        save("warmed up")
+        prompt = rng.integers(3, vocab, size=args.prompt).tolist()
+        measured = run_request(engine, prompt, args.decode_steps, max_tokens)
+        records.append({"part": "measured", **measured})
+        phases["prefill_first_step_s"] = measured["first_step_s"]
+        phases["decode_s"] = measured["decode_s"]
+        summary.update(time_to_first_token_s=measured["first_step_s"],
+                       prefill_s_estimate=measured["prefill_s_estimate"],
+                       output_tokens_per_s=measured["output_tokens_per_s"], median_step_ms=measured["median_step_ms"],
+                       mean_acceptance_length=measured["mean_acceptance_length"], engine_stats=engine.stats())
+        log(f"measured: TTFT {measured['first_step_s']:.3f} s, {measured['decode_tokens']} tokens in "
+            f"{measured['decode_steps']} steps, {measured['output_tokens_per_s']:.1f} tokens/s, acceptance length "
+            f"{measured['mean_acceptance_length']}")
+        save("measured")
+
+        if args.check == "on" or (args.check == "auto" and model_bytes < 4e9):
+            began = time.perf_counter()
+            summary["correctness"] = check(directory, params, mesh, device_mesh, prompt, measured["first_token"])
+            phases["check_s"] = time.perf_counter() - began
+            log(f"check: {summary['correctness']}")
+        if not args.keep and not args.reuse and not args.out_dir:
+            shutil.rmtree(directory, ignore_errors=True)
+        phases["total_s"] = time.perf_counter() - T0
+        save("done")
+        log(f"done in {phases['total_s']:.1f} s")
+
+    try:
+        run_phases()
+    except BaseException as error:  # noqa: BLE001  (recorded in the results, then raised)
+        summary["error"] = f"{type(error).__name__}: {str(error)[:2000]}"
+        save(f"failed after: {summary['status']}")
+        raise
+
+
+def _is_var(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+if __name__ == "__main__":
+    main()
