@@ -22,7 +22,7 @@ generate: $(STAMP)
 	$(PY) -m dsv4jax.generate --prompt "DeepSeek-V4 in JAX:" --max-new-tokens 24
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests  # two workers, a test file per worker at a time (module fixtures)
 
 clean:
 	rm -rf $(VENV)
