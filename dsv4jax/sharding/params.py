@@ -2,17 +2,28 @@
 
 - `init_sharded`: the model's own initialisers run under `jit` with the rules-table `out_shardings`; with JAX's
   partitionable threefry each device generates only its shards, with the same values as an unsharded init.
-- `shard_host_params` / `load_sharded`: host numpy tensors (read shard by shard from safetensors) are placed
-  with `jax.make_array_from_callback`, which copies to each device only the slice it owns.
+- `shard_host_params`: host numpy tensors are placed with `jax.make_array_from_callback`, which copies to each
+  device only the slice it owns.
+- `load_sharded`: streams a checkpoint parameter by parameter (a few in flight); FP8/FP4 tensors go to the devices
+  as packed codes and scales and are dequantised there, so host memory stays far below the model's size.
 """
 
 from __future__ import annotations
 
+import concurrent.futures as futures
+import functools
+import math
 import os
+import threading
+from pathlib import Path
 
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
+
+from dsv4jax.checkpoint.names import path_key
 
 from dsv4jax.config import ModelConfig
 from dsv4jax.sharding.mesh import MeshConfig
@@ -53,13 +64,120 @@ def shard_host_params(host: nnx.State, mesh: MeshConfig, device_mesh) -> nnx.Sta
 
 
 def load_sharded(path: str | os.PathLike, mesh: MeshConfig, device_mesh, dtype: str | None = None,
-                 progress: bool = True, **overrides) -> tuple[ModelConfig, nnx.GraphDef, nnx.State]:
-    """A checkpoint directory -> (config, graphdef, sharded params); tensors go from host to their shards only."""
-    from dsv4jax.checkpoint.loader import read_host_params
+                 progress: bool = True, threads: int | None = None, **overrides
+                 ) -> tuple[ModelConfig, nnx.GraphDef, nnx.State]:
+    """A checkpoint directory -> (config, graphdef, sharded params), streamed tensor by tensor.
 
-    config, graphdef, host = read_host_params(path, dtype, progress, **overrides)
+    The same names, checks and values as `read_host_params` + `shard_host_params` (bit for bit), but the host never
+    holds the model: `threads` parameters are in flight at a time; FP8/FP4 tensors travel as their packed codes
+    and scales, each device receiving the slices it owns, and are dequantised on the devices.
+    """
+    from dsv4jax.checkpoint.loader import _flat_targets, abstract_for_checkpoint, plan_checkpoint
+
+    config, graphdef, abstract = abstract_for_checkpoint(path, dtype, **overrides)
     mesh.check_model(config)
-    return config, graphdef, shard_host_params(host, mesh, device_mesh)
+    targets = _flat_targets(abstract)
+    plan = plan_checkpoint(path, config, targets)  # every name/shape error before any transfer
+    shardings = {path_key(p): v.get_value()
+                 for p, v in nnx.to_flat_state(param_shardings(abstract, mesh, device_mesh))}
+    flat = nnx.to_flat_state(abstract)
+    # Largest first, so that the long transfers overlap the many small ones.
+    order = sorted(targets, key=lambda k: -math.prod(targets[k].shape) * np.dtype(targets[k].dtype).itemsize)
+    arrays = {}
+    with futures.ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
+        jobs = {pool.submit(_load_param, plan[key], targets[key], shardings[key]): key for key in order}
+        for job in tqdm(futures.as_completed(jobs), total=len(jobs), desc=f"loading {Path(path).name}",
+                        unit="param", disable=not progress):
+            arrays[jobs[job]] = job.result()
+    return config, graphdef, nnx.from_flat_state([(p, v.replace(arrays[path_key(p)])) for p, v in flat])
+
+
+class _NotExact(Exception):
+    """Raised while streaming codes the device would not dequantise to quant.py's bits (host path instead)."""
+
+
+def _fitting(sharding: NamedSharding, shape) -> NamedSharding:
+    """`sharding` for an on-disk array (codes: last axis halved; scales: blocks), without the mesh axes that do
+    not divide a dimension (the jitted dequantisation reshards those parts on the devices)."""
+    spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
+    entries = []
+    for dim, entry in zip(shape, spec):
+        axes = () if entry is None else entry if isinstance(entry, tuple) else (entry,)
+        entries.append(entry if dim % math.prod(sharding.mesh.shape[a] for a in axes) == 0 else None)
+    return NamedSharding(sharding.mesh, P(*entries))
+
+
+def _streamed(shape, sharding, pieces, stacked: bool, convert) -> jax.Array:
+    """A global array of the pieces' raw codes (`convert`ed); a stacked one is read expert by expert, each device
+    reading only its experts, a single one is read once."""
+    if stacked:
+        def callback(index):
+            experts, rest = range(*index[0].indices(shape[0])), tuple(index[1:])
+            return np.stack([convert(pieces[e].read())[rest] for e in experts])
+    else:
+        cache = []
+
+        def callback(index):
+            if not cache:
+                cache.append(convert(pieces[0].read()))
+            return cache[0][index]
+    return jax.make_array_from_callback(shape, sharding, callback)
+
+
+_DEQUANTIZERS: dict = {}
+_DEQUANTIZERS_LOCK = threading.Lock()
+
+
+def _dequantizer(kind: str, sharding, dtype):
+    from dsv4jax.checkpoint.loader import dequantize_on_device
+
+    key = (kind, sharding, np.dtype(dtype).name)
+    with _DEQUANTIZERS_LOCK:
+        if key not in _DEQUANTIZERS:
+            _DEQUANTIZERS[key] = jax.jit(functools.partial(dequantize_on_device, kind, dtype=np.dtype(dtype)),
+                                         out_shardings=sharding)
+        return _DEQUANTIZERS[key]
+
+
+def _load_param(by_expert: dict, target, sharding: NamedSharding) -> jax.Array:
+    """One parameter, placed with `sharding`, from its planned pieces (see `loader.plan_checkpoint`)."""
+    from dsv4jax.checkpoint.loader import device_exact
+
+    stacked = None not in by_expert
+    pieces = [by_expert[e] for e in range(target.shape[0])] if stacked else [by_expert[None]]
+    kinds = {p.kind for p in pieces}
+    kind = kinds.pop() if len(kinds) == 1 else "mixed"
+    lead = (len(pieces),) if stacked else ()
+    if kind is None:
+        return _streamed(target.shape, sharding, pieces, stacked, lambda a: a.astype(target.dtype))
+    if kind in ("fp8", "fp4") and all(p.rows is None and p.scale_fits() and p.scale.dtype in ("F8_E8M0", "U8", "I8")
+                                      for p in pieces):
+        scales = [p.scale.read().view(np.uint8) for p in pieces]
+        scale = np.stack(scales) if stacked else scales[0]
+        if device_exact(kind, scale):
+            def as_codes(raw):
+                if not device_exact(kind, scale[:0], raw):
+                    raise _NotExact
+                return raw.view(np.uint8)
+
+            try:
+                codes_shape = (*lead, *pieces[0].raw_shape)
+                codes = _streamed(codes_shape, _fitting(sharding, codes_shape), pieces, stacked, as_codes)
+            except _NotExact:
+                pass
+            else:
+                # FP8 scales cover 128-row blocks, which need not align with the shards: tiny, so replicated.
+                scale_sharding = _fitting(sharding, scale.shape) if kind == "fp4" else NamedSharding(sharding.mesh, P())
+                scale = jax.make_array_from_callback(scale.shape, scale_sharding, lambda index: scale[index])
+                # Waiting bounds the packed inputs and temporaries on the devices to one per thread.
+                return _dequantizer(kind, sharding, target.dtype)(codes, scale).block_until_ready()
+    # Host dequantisation (quant.py), one tensor at a time: odd scales, NaN codes, FP8 splits across blocks.
+    if not stacked:
+        return host_to_global(pieces[0].host_value(target.dtype), sharding)
+    value = np.zeros(target.shape, target.dtype)
+    for e, piece in enumerate(pieces):
+        value[e] = piece.host_value(target.dtype)
+    return host_to_global(value, sharding)
 
 
 def device_bytes(params: nnx.State, device) -> int:
