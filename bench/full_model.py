@@ -13,13 +13,12 @@ Both engine executables are compiled in a background thread from abstract sharde
 exists, so compiling overlaps writing and loading. The results file is rewritten after every phase (and copied to
 $OUT when set), so a run stopped at its time limit still returns the phases it finished.
 
-Why not the library's writer and loader for the full model (both are used, and checked against, in small runs):
-`save_checkpoint` needs the whole model in host memory, and `load_sharded` (`read_host_params`) builds every
-parameter as a host array in the model dtype (bf16: ~580 GB for 291 B parameters, above the 560 GiB host) with
-single-threaded numpy dequantisation (~50 ms per 2048×4096 FP4 expert matrix on one core: ~28 min for 33,792).
-Here each device gets only the packed codes and scales of its shards, dequantised on the device; `--check`
-(default: small models only) verifies that the result equals `load_sharded`'s bit for bit and compares the first
-token's logits over the mesh with the one-device model, in bf16 and in fp32.
+Why not the library's writer for the full model: `save_checkpoint` needs the whole model in host memory. Loading
+uses the library's `load_sharded`, which streams: each device gets only the packed FP8/FP4 codes and scales of its
+shards, dequantised on the device, with a few parameters in flight on the host (`--loader host`: the whole model on
+the host first, as `read_host_params` + `shard_host_params`; ~580 GB in bf16 for V4-Flash, small models only).
+`--check` (default: small models only) verifies that the loaded params equal the host path's bit for bit and
+compares the first token's logits over the mesh with the one-device model, in bf16 and in fp32.
 
 Random values: FP8 codes have exponents 2^-1..2^0 and random sign/mantissa (never the NaN code), FP4 codes are
 uniform random bytes (every E2M1 code is finite), with one power-of-two scale per tensor giving the fan-in RMS of
@@ -51,16 +50,16 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from bench.common import device_slug, write_results  # noqa: E402
 from dsv4jax import quant  # noqa: E402
+from dsv4jax.checkpoint.loader import read_host_params  # noqa: E402
 from dsv4jax.checkpoint.names import official_names, path_key  # noqa: E402
-from dsv4jax.checkpoint.safetensors_io import DTYPES, INDEX_FILENAME, read_index  # noqa: E402
+from dsv4jax.checkpoint.safetensors_io import DTYPES, INDEX_FILENAME  # noqa: E402
 from dsv4jax.checkpoint.writer import FP8_LINEAR, FP32_TENSOR, ROUTED_EXPERT  # noqa: E402
 from dsv4jax.config import load_config, save_config  # noqa: E402
 from dsv4jax.sharding.mesh import make_mesh, parse_mesh_spec  # noqa: E402
-from dsv4jax.sharding.params import abstract_model, device_bytes  # noqa: E402
+from dsv4jax.sharding.params import abstract_model, device_bytes, load_sharded, shard_host_params  # noqa: E402
 from dsv4jax.sharding.rules import param_shardings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -251,185 +250,6 @@ def complete_checkpoint(directory: Path, files) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# loading: each device receives the packed codes and scales of its shards; dequantised on the device
-
-class Reader:
-    """Positional reads (thread-safe) of tensors named in a checkpoint's index."""
-
-    def __init__(self, directory: Path):
-        self.weight_map = read_index(directory)
-        self.entries, self.fds = {}, {}
-        for file in sorted(set(self.weight_map.values())):
-            fd = os.open(directory / file, os.O_RDONLY)
-            self.fds[file] = fd
-            (length,) = struct.unpack("<Q", os.pread(fd, 8, 0))
-            header = json.loads(os.pread(fd, length, 8))
-            header.pop("__metadata__", None)
-            for name, entry in header.items():
-                begin, end = entry["data_offsets"]
-                self.entries[name] = (fd, entry["dtype"], tuple(entry["shape"]), 8 + length + begin, end - begin)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.entries
-
-    def dtype(self, name: str) -> str:
-        return self.entries[name][1]
-
-    def read_into(self, name: str, out: np.ndarray) -> None:
-        fd, _, _, offset, nbytes = self.entries[name]
-        view = memoryview(out.reshape(-1).view(np.uint8))
-        if len(view) != nbytes:
-            raise ValueError(f"{name}: {len(view)} bytes asked, {nbytes} stored")
-        done = 0
-        while done < nbytes:
-            n = os.preadv(fd, [view[done:]], offset + done)
-            if n <= 0:
-                raise OSError(f"{name}: short read at {done} of {nbytes} bytes")
-            done += n
-
-    def read(self, name: str) -> np.ndarray:
-        _, dtype, shape, _, _ = self.entries[name]
-        out = np.empty(shape, DTYPES[dtype])
-        self.read_into(name, out)
-        return out
-
-    def close(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
-
-
-def _fitting(sharding: NamedSharding, shape) -> NamedSharding:
-    """The param's sharding for an on-disk array (codes: last axis halved; scales: blocks), dropping the mesh
-    axes that do not divide a dimension (those parts are sliced on the device instead)."""
-    spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
-    entries = []
-    for dim, entry in zip(shape, spec):
-        axes = () if entry is None else entry if isinstance(entry, tuple) else (entry,)
-        entries.append(entry if dim % math.prod(sharding.mesh.shape[a] for a in axes) == 0 else None)
-    return NamedSharding(sharding.mesh, P(*entries))
-
-
-def _e8m0(scale):
-    """UE8M0 bytes -> 2^(b-127) as fp32 (b=0: 2^-127, b=0xFF: NaN), as quant._e8m0_to_float32."""
-    bits = scale.astype(jnp.uint32) << 23
-    bits = jnp.where(scale == 0, jnp.uint32(0x00400000), bits)
-    bits = jnp.where(scale == 0xFF, jnp.uint32(0x7FC00000), bits)
-    return jax.lax.bitcast_convert_type(bits, jnp.float32)
-
-
-def _dequant_fp4(packed, scale, dtype):
-    """packed [..., R, C/2] uint8 (element 2c in the low nibble), scale [..., R, ceil(C/32)] -> [..., R, C]."""
-    codes = jnp.stack([packed & 0xF, packed >> 4], axis=-1).reshape(*packed.shape[:-1], 2 * packed.shape[-1])
-    # E2M1 (§10.2, quant.E2M1_LUT) by arithmetic, which fuses, rather than a table gather, which may not:
-    # exponent bits 0 -> m·0.5, else (1 + m/2)·2^(e−1); bit 3 is the sign.
-    exponent, mantissa = ((codes >> 1) & 3).astype(jnp.int32), (codes & 1).astype(jnp.float32)
-    magnitude = jnp.where(exponent == 0, 0.5 * mantissa,
-                          (1.0 + 0.5 * mantissa) * (jnp.left_shift(1, exponent).astype(jnp.float32) * 0.5))
-    values = jnp.where(codes >= 8, -magnitude, magnitude)
-    scales = jnp.repeat(_e8m0(scale), quant.FP4_WEIGHT_BLOCK, axis=-1)[..., :values.shape[-1]]
-    return (values * scales).astype(dtype)
-
-
-def _dequant_fp8(codes, scale, dtype):
-    """codes [..., R, C] e4m3 bytes, scale [..., ceil(R/128), ceil(C/128)] -> [..., R, C]."""
-    values = jax.lax.bitcast_convert_type(codes, jnp.float8_e4m3fn).astype(jnp.float32)
-    rows, cols = codes.shape[-2:]
-    scales = jnp.repeat(jnp.repeat(_e8m0(scale), 128, axis=-2)[..., :rows, :], 128, axis=-1)[..., :cols]
-    return (values * scales).astype(dtype)
-
-
-_JITTED: dict = {}
-_JITTED_LOCK = threading.Lock()
-
-
-def _dequantizer(kind: str, sharding, dtype):
-    key = (kind, sharding, jnp.dtype(dtype).name)
-    with _JITTED_LOCK:
-        if key not in _JITTED:
-            body = _dequant_fp4 if kind == "fp4" else _dequant_fp8
-            _JITTED[key] = jax.jit(lambda codes, scale: body(codes, scale, jnp.dtype(dtype)), out_shardings=sharding)
-        return _JITTED[key]
-
-
-def _scale_name(name: str) -> str:
-    return name[:-len("weight")] + "scale"
-
-
-def _load_param(reader: Reader, key: str, target, sharding: NamedSharding) -> tuple[jax.Array, int]:
-    """One parameter as a global array with `sharding`; returns it and the bytes sent to the devices."""
-    names = official_names(key, target.shape[0] if target.shape else 0)
-    stacked, first = names[0][1] is not None, names[0][0]
-    kind = {"I8": "fp4", "F8_E4M3": "fp8"}.get(reader.dtype(first)) if _scale_name(first) in reader else None
-    sent = 0
-
-    def transfer(suffix, array_sharding, convert):
-        """The on-disk tensor(s) as a global array; a stacked one is read expert by expert, each device reading
-        only its experts."""
-        nonlocal sent
-        inner = reader.entries[suffix(first)][2]
-        shape = (len(names), *inner) if stacked else inner
-        if stacked:
-            disk_dtype = DTYPES[reader.dtype(suffix(first))]
-
-            def callback(index):
-                experts, rest = range(*index[0].indices(shape[0])), tuple(index[1:])
-                if all(s.indices(n) == (0, n, 1) for s, n in zip(rest, shape[1:])):
-                    out = np.empty((len(experts), *shape[1:]), disk_dtype)
-                    for i, e in enumerate(experts):
-                        reader.read_into(suffix(names[e][0]), out[i])
-                    return convert(out)
-                return convert(np.stack([reader.read(suffix(names[e][0]))[rest] for e in experts]))
-        else:
-            value = convert(reader.read(suffix(first)))
-
-            def callback(index):
-                return value[index]
-        array = jax.make_array_from_callback(shape, array_sharding, callback)
-        sent += sum(s.data.nbytes for s in array.addressable_shards)
-        return array
-
-    if kind is None:  # bf16/fp32/int tensors (and stacked experts of an unquantised checkpoint)
-        return transfer(_identity, sharding, lambda a: a.astype(target.dtype, copy=False)), sent
-    as_bytes = lambda a: a.view(np.uint8)  # noqa: E731  (int8 / float8 codes travel as raw bytes)
-    codes = transfer(_identity, _fitting(sharding, (len(names),) * stacked + reader.entries[first][2]), as_bytes)
-    scale_shape = (len(names),) * stacked + reader.entries[_scale_name(first)][2]
-    # FP8 scales cover 128-row blocks, which need not align with the shards: tiny, so replicated.
-    scale_sharding = _fitting(sharding, scale_shape) if kind == "fp4" else NamedSharding(sharding.mesh, P())
-    scale = transfer(_scale_name, scale_sharding, as_bytes)
-    # Waiting here bounds the packed inputs and temporaries in flight on the devices to one per load thread.
-    return _dequantizer(kind, sharding, target.dtype)(codes, scale).block_until_ready(), sent
-
-
-def _identity(name: str) -> str:
-    return name
-
-
-def load_streaming(directory: Path, abstract: nnx.State, shardings: nnx.State, threads: int) -> tuple[nnx.State, dict]:
-    reader = Reader(directory)
-    flat = nnx.to_flat_state(abstract)
-    sharding_of = {path_key(p): v.get_value() for p, v in nnx.to_flat_state(shardings)}
-    jobs, arrays, sent = {}, {}, [0]
-    start = time.perf_counter()
-    sizes = {path_key(p): math.prod(v.get_value().shape) * np.dtype(v.get_value().dtype).itemsize for p, v in flat}
-    with futures.ThreadPoolExecutor(threads) as pool:
-        for path, var in sorted(flat, key=lambda pv: -sizes[path_key(pv[0])]):
-            key = path_key(path)
-            jobs[pool.submit(_load_param, reader, key, var.get_value(), sharding_of[key])] = key
-        last = time.perf_counter()
-        for job in futures.as_completed(jobs):
-            arrays[jobs[job]], nbytes = job.result()
-            sent[0] += nbytes
-            if time.perf_counter() - last > 15:
-                last = time.perf_counter()
-                log(f"  loaded {len(arrays)} of {len(jobs)} params, {gb(sent[0])} sent to devices")
-    jax.block_until_ready(list(arrays.values()))
-    reader.close()
-    seconds = time.perf_counter() - start
-    params = nnx.from_flat_state([(p, v.replace(arrays[path_key(p)])) for p, v in flat])
-    return params, {"load_s": seconds, "host_to_device_bytes": sent[0]}
-
-
-# ------------------------------------------------------------------------------------------------------------------
 # the engine: built from abstract sharded params so that compiling does not wait for the weights
 
 class ModelStub:
@@ -552,29 +372,31 @@ def run_request(engine, prompt: list[int], decode_steps: int, max_tokens: int) -
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# correctness (small models): the streaming load against `load_sharded`, the mesh against one device
+# correctness (small models): the loaded params against the host path, the mesh against one device
 
 def _rel_l2(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def check(directory: Path, params, mesh, device_mesh, prompt: list[int], first_token: int | None) -> dict:
-    """bf16: the streamed params equal `load_sharded`'s bit for bit; first-token logits over the mesh vs one device.
-    fp32 (the same checkpoint streamed in fp32): the same logits comparison without bf16 rounding."""
+    """bf16: the loaded params equal the host path's (`read_host_params` + `shard_host_params`) bit for bit;
+    first-token logits over the mesh vs one device. fp32 (the same checkpoint loaded sharded in fp32): the same
+    logits comparison without bf16 rounding."""
     from dsv4jax import run
     from dsv4jax.checkpoint.loader import load_model
     from dsv4jax.model import init_state
     from dsv4jax.sharding.engine import ShardedRunner
-    from dsv4jax.sharding.params import load_sharded
 
     result = {}
-    config, graphdef, library = load_sharded(directory, mesh, device_mesh, progress=False)
-    mine, theirs = jax.tree.leaves(params), jax.tree.leaves(library)
+    config, graphdef, host = read_host_params(directory, "bfloat16", progress=False)
+    reference = shard_host_params(host, mesh, device_mesh)
+    del host
+    mine, theirs = jax.tree.leaves(params), jax.tree.leaves(reference)
     same = [np.array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8)) and a.sharding == b.sharding
             for a, b in zip(mine, theirs)]
-    result["params_equal_load_sharded"] = all(same) and len(mine) == len(theirs)
+    result["params_equal_host_path"] = all(same) and len(mine) == len(theirs)
     result["params_differing"] = int(len(same) - sum(same))
-    del library
+    del reference
     ids = jnp.asarray([prompt], jnp.int32)
     num_new = jnp.asarray([len(prompt)], jnp.int32)
     max_len = -(-(len(prompt) + 1) // 256) * 256
@@ -593,8 +415,7 @@ def check(directory: Path, params, mesh, device_mesh, prompt: list[int], first_t
     result["argmax_equal_bf16"] = int(many.argmax()) == int(one.argmax())
     if first_token is not None:
         result["engine_first_token_equals_one_device_argmax"] = first_token == int(one.argmax())
-    graphdef32, abstract32 = abstract_model(config.replace(dtype="float32"))
-    params32, _ = load_streaming(directory, abstract32, param_shardings(abstract32, mesh, device_mesh), 2)
+    _, graphdef32, params32 = load_sharded(directory, mesh, device_mesh, "float32", progress=False, threads=2)
     one, many = first_logits("float32", params32, graphdef32)
     result["first_token_logits_rel_l2_mesh_vs_one_device_fp32"] = _rel_l2(many, one)
     return result
@@ -634,8 +455,9 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="do not delete the checkpoint at the end")
     parser.add_argument("--write-threads", type=int, default=min(48, os.cpu_count() or 1))
     parser.add_argument("--load-threads", type=int, default=min(16, os.cpu_count() or 1))
-    parser.add_argument("--loader", default="stream", choices=("stream", "library"),
-                        help="library: dsv4jax.sharding.params.load_sharded (whole model on the host)")
+    parser.add_argument("--loader", default="stream", choices=("stream", "host"),
+                        help="stream: load_sharded (packed tensors, dequantised on the devices); host: "
+                             "read_host_params + shard_host_params (the whole model on the host, small models only)")
     parser.add_argument("--check", default="auto", choices=("auto", "on", "off"),
                         help="auto: on when the model is below 4 GB in bf16")
     parser.add_argument("--kernels", default="auto", choices=("auto", "reference", "pallas"),
@@ -753,19 +575,18 @@ def main() -> None:
         loaded_config = load_config(directory, dtype="bfloat16")
         assert loaded_config.replace(weight_block_size=None, expert_dtype=None) == config.replace(
             weight_block_size=None, expert_dtype=None), "config.json does not round-trip"
-        if args.loader == "library":
-            from dsv4jax.sharding.params import load_sharded
-
-            _, _, params = load_sharded(directory, mesh, device_mesh)
-            jax.block_until_ready(params)
-            load_info = {"load_s": time.perf_counter() - began}
+        if args.loader == "host":
+            _, _, host = read_host_params(directory, "bfloat16", progress=False)
+            params = shard_host_params(host, mesh, device_mesh)
+            del host
         else:
-            params, load_info = load_streaming(directory, abstract, shardings, args.load_threads)
-        phases["load_s"] = load_info["load_s"]
-        summary["host_to_device_bytes"] = load_info.get("host_to_device_bytes")
+            _, _, params = load_sharded(directory, mesh, device_mesh, "bfloat16", progress=False,
+                                        threads=args.load_threads)
+        jax.block_until_ready(params)
+        phases["load_s"] = time.perf_counter() - began
         held = [device_bytes(params, d) for d in jax.devices()]
         summary.update(param_bytes_per_device_max=max(held), param_bytes_per_device_min=min(held))
-        log(f"loaded in {load_info['load_s']:.1f} s; parameters per device {gb(min(held))}–{gb(max(held))}")
+        log(f"loaded in {phases['load_s']:.1f} s; parameters per device {gb(min(held))}–{gb(max(held))}")
         save("loaded")
 
         # Compile (waits for the background thread).
