@@ -178,7 +178,7 @@ class Piece:
     """Where one (expert's) tensor lies on disk: raw codes at `offset` (C order), its scale, its format.
 
     `shape` is the dequantised shape (what `_Assembler.check` compares); `rows` is a row range still to cut
-    after dequantising (an FP8 split whose 128-row scale blocks straddle the cut: dequantised on the host).
+    after dequantising (a quantised stacked tensor split by `_put_hf_stacked`: dequantised on the host).
     """
 
     name: str
@@ -209,14 +209,9 @@ class Piece:
         if rows == slice(None):
             return piece
         r0, r1, _ = rows.indices(piece.shape[-2])
-        if self.kind == "fp8" and (r0 % quant.FP8_WEIGHT_BLOCK[0] or (r1 % quant.FP8_WEIGHT_BLOCK[0]
-                                                                     and r1 != piece.shape[-2])):
+        if self.kind is not None:  # quantised and stacked (no known checkpoint): cut after dequantising on the host
             return dataclasses.replace(piece, rows=(r0, r1))
-        block = quant.FP8_WEIGHT_BLOCK[0] if self.kind == "fp8" else 1
-        scale = piece.scale
-        if scale is not None:
-            scale = scale._row_range(r0 // block, -(-r1 // block))
-        return dataclasses.replace(piece._row_range(r0, r1), scale=scale)
+        return piece._row_range(r0, r1)
 
     def _row_range(self, r0: int, r1: int) -> Piece:
         row_bytes = self.raw_shape[-1] * DTYPES[self.dtype].itemsize
