@@ -14,7 +14,7 @@ from dsv4jax.model.layout import IDENTITY, TokenLayout
 from dsv4jax.model.linear import Linear
 from dsv4jax.model.norm import RMSNorm, rms_normalize
 from dsv4jax.model.rope import apply_rope, rope_frequencies
-from dsv4jax.model.state import LayerState, row_view
+from dsv4jax.model.state import LayerState, PagedRows, row_view
 from dsv4jax.pallas.sparse_attention import sparse_attention
 
 
@@ -73,18 +73,28 @@ class Attention(nnx.Module):
             projections = layout.gather_chunk(self.compressor.project(x, positions))
             compressor = self.compressor.absorb(projections, compressor, start, num_new, freqs)
             offset = ring + chunk
-            compressed_rows = row_view(compressor.rows)
-            num_rows = compressed_rows.shape[1]
             if self.ratio == 4:
                 index_projections = layout.gather_chunk(self.indexer.compressor.project(x, positions))
                 indexer = self.indexer.compressor.absorb(index_projections, indexer, start, num_new, freqs)
                 rows = self.indexer(x, q_latent, positions, row_view(indexer.rows), freqs)
                 record(self, "indexer_rows", rows)
+                paged = isinstance(compressor.rows, PagedRows)
+                if paged and rows.shape[1] * rows.shape[2] < compressor.rows.rows_per_sequence:
+                    # Decode-sized calls read only the selected rows from the pages, not each sequence's
+                    # whole row cache: query s's k-th pick sits at offset + s·K + k.
+                    buffers.append(compressor.rows.take(rows).reshape(batch, -1, self.head_dim))
+                    picks = offset + jnp.arange(rows.shape[1] * rows.shape[2]).reshape(rows.shape[1:])
+                    indices.append(jnp.where(rows >= 0, picks, -1))
+                else:
+                    buffers.append(row_view(compressor.rows))
+                    indices.append(jnp.where(rows >= 0, rows + offset, -1))
             else:  # HCA attends every visible row (§8.3)
+                compressed_rows = row_view(compressor.rows)
+                num_rows = compressed_rows.shape[1]
                 rows = jnp.broadcast_to(jnp.arange(num_rows), (batch, local, num_rows))
                 rows = jnp.where(rows < ((positions + 1) // self.ratio)[..., None], rows, -1)
-            buffers.append(compressed_rows)
-            indices.append(jnp.where(rows >= 0, rows + offset, -1))
+                buffers.append(compressed_rows)
+                indices.append(jnp.where(rows >= 0, rows + offset, -1))
         out = sparse_attention(q, jnp.concatenate(buffers, axis=1), jnp.concatenate(indices, axis=-1),
                                self.attn_sink[...], self.head_dim ** -0.5)
 

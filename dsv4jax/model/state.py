@@ -46,6 +46,19 @@ class PagedRows:
         pages = self.pool[self.table]  # [B, P, r, d_c]
         return pages.reshape(pages.shape[0], -1, pages.shape[-1])
 
+    @property
+    def rows_per_sequence(self) -> int:
+        return self.table.shape[1] * self.pool.shape[1]
+
+    def take(self, rows: jax.Array) -> jax.Array:
+        """Rows `rows` [B, ...] (−1: any row) of each sequence -> [B, ..., d_c], read from the pool directly."""
+        per_page = self.pool.shape[1]
+        rows = jnp.maximum(rows, 0)
+        flat_rows = rows.reshape(rows.shape[0], -1)
+        page = jnp.take_along_axis(self.table, jnp.minimum(flat_rows // per_page, self.table.shape[1] - 1), axis=1)
+        flat = (page * per_page + flat_rows % per_page).reshape(rows.shape)
+        return self.pool.reshape(-1, self.pool.shape[-1])[flat]
+
     def write(self, rows: jax.Array, valid: jax.Array, values: jax.Array) -> "PagedRows":
         """pool[row rows[b, i] of sequence b] = values[b, i] where valid."""
         num_pages, per_page, dim = self.pool.shape
