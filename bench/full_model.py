@@ -266,39 +266,12 @@ class ModelStub:
 
 
 def build_engine(config, graphdef, abstract_sharded, mesh, device_mesh, engine_config):
-    """`Engine(model, engine_config, mesh=...)` except that the params are abstract (ShapeDtypeStructs with their
-    rules-table shardings) until `engine.params` is set: `Engine` device_puts whatever params it is given."""
+    """`Engine(model, engine_config, mesh=...)` with abstract params (ShapeDtypeStructs with their rules-table
+    shardings), so that it compiles while the weights load; `engine.params` is set once they are there."""
     from dsv4jax.serve.engine import Engine
-    from dsv4jax.sharding.serving import MeshModelCalls
 
-    engine = Engine(ModelStub(config, graphdef, abstract_sharded), engine_config)
-    engine.calls = MeshModelCalls(graphdef, mesh, device_mesh)
-    engine.caches = engine.calls.replicate(engine.caches)
-    unaligned = [c for c in engine_config.chunk_buckets() if c % engine.calls.alignment]
-    if unaligned:
-        raise ValueError(f"prefill chunk {unaligned} is not a multiple of the cp alignment {engine.calls.alignment}")
-    return engine
-
-
-def lower(engine, kind: str, rows: int, chunk: int | None):
-    """`Engine._compile` without its final `.compile()`, so that the two compiles can run at once."""
-    import functools
-
-    from dsv4jax.serve.speculative import speculative_step
-    from dsv4jax.serve.steps import decode_step, prefill_step
-
-    batch = engine._batch([], rows)
-    donate = () if jax.default_backend() == "cpu" else (1,)
-    if kind == "prefill":
-        function = functools.partial(prefill_step, engine.calls, prompt_logprobs=engine.config.prompt_logprobs)
-        ids = np.zeros((rows, chunk), np.int32)
-        example = (batch, ids, np.zeros((rows,), np.int32), ids, np.zeros((rows,), bool))
-    else:
-        steps = engine.config.speculative_steps
-        function = (functools.partial(speculative_step, engine.calls, steps=steps) if steps
-                    else functools.partial(decode_step, engine.calls))
-        example = (batch, np.zeros((rows,), np.int32), np.zeros((rows,), bool))
-    return jax.jit(function, donate_argnums=donate).lower(engine.params, engine.caches, *example)
+    return Engine(ModelStub(config, graphdef, abstract_sharded), engine_config, mesh=mesh,
+                  devices=list(device_mesh.devices.flat))
 
 
 def compile_engine(engine, chunk: int, kernels: str, times: dict) -> dict:
@@ -318,7 +291,7 @@ def compile_engine(engine, chunk: int, kernels: str, times: dict) -> dict:
     for key in keys:
         began = time.perf_counter()
         with pallas.use(kernels):  # kernels are chosen while tracing
-            lowered = lower(engine, *key)
+            lowered = engine.lower(*key)
         times[f"lower_{key[0]}_s"] = time.perf_counter() - began
         log(f"  lowered {key[0]} in {times[f'lower_{key[0]}_s']:.1f} s")
         workers.append(threading.Thread(target=compile_one, args=(key, lowered)))

@@ -169,6 +169,18 @@ def _submit_all(state: ServerState, jobs: list[tuple[list[int], object]]):
     return streams
 
 
+async def _collect(request: Request, state, streams, add) -> None:
+    """Hand every output of `streams` to add(index, output) until all finish or the client leaves."""
+    async def collect():
+        async for index, output in _merged(state, streams):
+            add(index, output)
+
+    try:
+        await _until_disconnect(request, collect())
+    except EngineDeadError as error:
+        raise _engine_error(error)
+
+
 async def _until_disconnect(request: Request, work):
     """Run `work` (a coroutine) unless the client goes away first; then it is cancelled (which aborts its
     requests) and None is returned."""
@@ -419,14 +431,7 @@ async def completions(request: Request) -> Response:
 
         return _SSEResponse(events(), _abort_all(state, streams))
 
-    async def collect():
-        async for index, output in _merged(state, streams):
-            choices[index].add(output)
-
-    try:
-        await _until_disconnect(request, collect())
-    except EngineDeadError as error:
-        raise _engine_error(error)
+    await _collect(request, state, streams, lambda index, output: choices[index].add(output))
     body_choices = []
     for index, choice in enumerate(choices):
         echo_ids = choice.prompt_ids if req.echo else None
@@ -589,16 +594,12 @@ async def chat_completions(request: Request) -> Response:
 
         return _SSEResponse(events(), _abort_all(state, streams))
 
-    async def collect():
-        async for index, output in _merged(state, streams):
-            choices[index].add(output)
-            if req.logprobs:
-                choices[index].logprobs += _chat_logprobs(state, output)
+    def add(index, output):
+        choices[index].add(output)
+        if req.logprobs:
+            choices[index].logprobs += _chat_logprobs(state, output)
 
-    try:
-        await _until_disconnect(request, collect())
-    except EngineDeadError as error:
-        raise _engine_error(error)
+    await _collect(request, state, streams, add)
     body_choices = []
     for index, choice in enumerate(choices):
         message = {"role": "assistant", "content": choice.message.content or None,

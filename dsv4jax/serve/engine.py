@@ -387,6 +387,11 @@ class Engine:
         return self._executables[key]
 
     def _compile(self, kind: str, rows: int, chunk: int | None):
+        return self.lower(kind, rows, chunk).compile()
+
+    def lower(self, kind: str, rows: int, chunk: int | None = None):
+        """The lowered step of one bucket ("prefill" rows × chunk, or "decode" rows); `.compile()` gives the
+        executable (callers may compile several at once in threads)."""
         batch = self._batch([], rows)
         donate = () if jax.default_backend() == "cpu" else (1,)  # XLA:CPU cannot reuse donated buffers
         if kind == "prefill":
@@ -398,7 +403,7 @@ class Engine:
             function = (functools.partial(speculative_step, self.calls, steps=steps) if steps
                         else functools.partial(decode_step, self.calls))
             example = (batch, np.zeros((rows,), np.int32), np.zeros((rows,), bool))
-        return jax.jit(function, donate_argnums=donate).lower(self.params, self.caches, *example).compile()
+        return jax.jit(function, donate_argnums=donate).lower(self.params, self.caches, *example)
 
 
 def _top(out, row: int, column: int, count: int) -> list[tuple[int, float]]:

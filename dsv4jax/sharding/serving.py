@@ -34,12 +34,15 @@ class MeshModelCalls(ModelCalls):
 
     @classmethod
     def build(cls, graphdef, params, mesh: MeshConfig | str, devices=None):
-        """(calls, params placed by the rules table) for a mesh over `devices` (default: all)."""
+        """(calls, params placed by the rules table) for a mesh over `devices` (default: all). Abstract params
+        (ShapeDtypeStructs carrying those shardings) stay abstract: enough to lower and compile before loading."""
         from dsv4jax.sharding.mesh import parse_mesh_spec
 
         mesh = parse_mesh_spec(mesh) if isinstance(mesh, str) else mesh
         device_mesh = make_mesh(mesh, devices)
         calls = cls(graphdef, mesh, device_mesh)
+        if all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(params)):
+            return calls, params
         return calls, jax.device_put(params, param_shardings(params, mesh, device_mesh))
 
     def replicate(self, tree):
