@@ -1,0 +1,159 @@
+"""Where the GPU compile time of the serving engine goes: for each variant (kernel choice × XLA flags), a fresh
+process builds the `flash-slice` model and lowers, compiles and first-runs a few engine buckets, one at a time.
+Each bucket reports its trace/lower seconds, XLA compile seconds (with the backend-compile share jax.monitoring
+sees), and first-call seconds (a Mosaic GPU kernel may finish compiling on first use). Variants run in parallel
+processes (the machine has 16 cores; XLA compiles one module mostly on one), so each figure carries some
+contention; compare variants of one run, not across runs. Writes bench/results/compile-profile-<device>.json.
+
+    python3 bench/compile_profile.py [--variants reference:autotune0 auto:default ...] [--timeout 240]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+FLAGS = {
+    "default": "",
+    "autotune0": "--xla_gpu_autotune_level=0",
+    "no_triton_gemm": "--xla_gpu_enable_triton_gemm=false",
+    "autotune0_no_triton_gemm": "--xla_gpu_autotune_level=0 --xla_gpu_enable_triton_gemm=false",
+}
+BUCKETS = ("decode:8", "prefill:1x512", "decode-mtp:8")
+
+
+def child(variant: str, buckets: list[str], out: str, config_path: str) -> None:
+    """One variant in this process; appends one JSON line per finished stage to `out`."""
+    import jax
+    import jax.monitoring
+    import numpy as np
+    from flax import nnx
+
+    from dsv4jax.api import Model
+    from dsv4jax.config import load_config
+    from dsv4jax.model import DeepseekV4
+    from dsv4jax.serve.engine import Engine, EngineConfig
+
+    events: dict[str, float] = {}
+
+    def listen(name, seconds, **_):
+        events[name] = events.get(name, 0.0) + seconds
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+
+    def emit(record):
+        record = {"variant": variant, **record}
+        print(json.dumps(record), flush=True)
+        with open(out, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    config = load_config(config_path, dtype="bfloat16")
+    start = time.perf_counter()
+    module = nnx.jit(lambda: DeepseekV4(config, nnx.Rngs(0)))()
+    model = Model(module, name="flash-slice")
+    jax.block_until_ready(model.params)
+    emit({"stage": "build_model", "seconds": time.perf_counter() - start})
+    engines = {}
+    for bucket in buckets:
+        kind, _, shape = bucket.partition(":")
+        steps = 1 if kind == "decode-mtp" else 0
+        if steps not in engines:
+            engines[steps] = Engine(model, EngineConfig(
+                max_running_requests=8, max_model_len=1024, page_tokens=256, prefill_chunk=512,
+                prefill_buckets=(512,), max_prefill_rows=1, prefill_row_buckets=(1,), decode_buckets=(8,),
+                speculative_steps=steps, prompt_logprobs=False))
+        engine = engines[steps]
+        rows, _, chunk = shape.partition("x")
+        events.clear()
+        began = time.perf_counter()
+        lowered = engine.lower("decode" if kind.startswith("decode") else "prefill", int(rows),
+                               int(chunk) if chunk else None)
+        lower_s = time.perf_counter() - began
+        text = lowered.as_text()
+        began = time.perf_counter()
+        compiled = lowered.compile()
+        compile_s = time.perf_counter() - began
+        record = {"stage": bucket, "lower_s": lower_s, "compile_s": compile_s,
+                  "mosaic_custom_calls": text.count("mosaic_gpu"), "hlo_chars": len(text),
+                  "events": {k: round(v, 3) for k, v in events.items()}}
+        # First call (a Mosaic GPU kernel may finish compiling when first run), then a second for comparison.
+        import jax.numpy as jnp
+        rest = jax.tree.map(lambda info: np.zeros(info.shape, info.dtype), lowered.args_info[0][2:])
+        for name in ("first_call_s", "second_call_s"):
+            caches = jax.tree.map(jnp.copy, engine.caches)  # the step donates its caches
+            began = time.perf_counter()
+            jax.block_until_ready(compiled(engine.params, caches, *rest))
+            record[name] = time.perf_counter() - began
+        emit(record)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--variants", nargs="+",
+                        default=["reference:autotune0", "auto:autotune0", "reference:default", "auto:default"],
+                        help="KERNELS:FLAGS pairs; FLAGS one of " + ", ".join(FLAGS))
+    parser.add_argument("--buckets", nargs="+", default=list(BUCKETS))
+    parser.add_argument("--timeout", type=float, default=240)
+    parser.add_argument("--config", default=os.path.join(ROOT, "configs", "deepseek-v4-flash-slice.json"))
+    parser.add_argument("--parallel", type=int, default=4)
+    parser.add_argument("--out-dir", default=os.environ.get("OUT", "/tmp"))
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.buckets, args.child_out, args.config)
+        return
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    lines = os.path.join(args.out_dir, "compile-profile.jsonl")
+    open(lines, "w").close()
+    pending, running, finished = list(args.variants), [], {}
+    began = time.perf_counter()
+    while pending or running:
+        while pending and len(running) < args.parallel:
+            variant = pending.pop(0)
+            kernels, _, flags = variant.partition(":")
+            env = dict(os.environ, DSV4JAX_KERNELS=kernels, XLA_FLAGS=FLAGS[flags or "default"],
+                       XLA_PYTHON_CLIENT_PREALLOCATE="false")
+            log = open(os.path.join(args.out_dir, f"compile-{variant.replace(':', '-')}.log"), "w")
+            process = subprocess.Popen([sys.executable, __file__, "--child", variant, "--child-out", lines,
+                                        "--config", args.config, "--buckets", *args.buckets], env=env, stdout=log, stderr=subprocess.STDOUT)
+            running.append((variant, process, time.perf_counter()))
+        time.sleep(1)
+        for item in list(running):
+            variant, process, start = item
+            if process.poll() is not None or time.perf_counter() - start > args.timeout:
+                if process.poll() is None:
+                    process.kill()
+                    finished[variant] = f"killed at {args.timeout:.0f} s"
+                else:
+                    finished[variant] = f"exit {process.returncode} after {time.perf_counter() - start:.0f} s"
+                running.remove(item)
+    records = [json.loads(line) for line in open(lines)]
+    from bench.common import device_slug, write_results
+    write_results(f"compile-profile-{device_slug()}", {"variants": args.variants, "buckets": args.buckets,
+                                                       "config": os.path.basename(args.config), "flags": FLAGS, "parallel": args.parallel,
+                                                       "timeout_s": args.timeout},
+                  records + [{"variant": v, "stage": "process", "status": s} for v, s in finished.items()])
+    print(f"\n{'variant':28s} {'stage':16s} {'lower s':>8s} {'compile s':>10s} {'backend s':>10s} mosaic {'1st call':>8s} {'2nd call':>8s}")
+    for r in records:
+        if "compile_s" in r:
+            backend = r["events"].get("/jax/core/compile/backend_compile_duration", float("nan"))
+            print(f"{r['variant']:28s} {r['stage']:16s} {r['lower_s']:8.1f} {r['compile_s']:10.1f} {backend:10.1f} "
+                  f"{r['mosaic_custom_calls']:6d} {r['first_call_s']:8.2f} {r['second_call_s']:8.3f}")
+        else:
+            print(f"{r['variant']:28s} {r['stage']:16s} {r.get('seconds', 0):8.1f}")
+    for v, s in finished.items():
+        print(f"{v:28s} {s}")
+    print(f"total {time.perf_counter() - began:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
