@@ -78,7 +78,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--kind", required=True, help="the device tool's kind, for the results file name")
     parser.add_argument("--cp", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[131072])
+    parser.add_argument("--lengths", type=int, nargs="*", default=[131072], help="none: skip the cp part")
     parser.add_argument("--long", type=int, nargs="*", default=[524288], help="prompts run without cp=1")
     parser.add_argument("--modes", nargs="+", default=["round_robin", "zigzag"])
     parser.add_argument("--chunk", type=int, default=8192)
