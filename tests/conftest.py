@@ -17,3 +17,10 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 # XLA:CPU sizes its thread pool from NPROC; with the 2 cores here the Mosaic GPU interpreter's warpgroup threads
 # can starve each other and hang. It must be set before JAX starts, hence here.
 os.environ.setdefault("NPROC", "8")
+
+# The command-line programs cache compiled executables (dsv4jax/compilation_cache.py); the servers and CLIs the
+# tests start keep theirs in a directory of this run, never in the user's ~/.cache.
+if "DSV4JAX_COMPILATION_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["DSV4JAX_COMPILATION_CACHE"] = os.path.join(tempfile.mkdtemp(prefix="dsv4jax-test-"), "xla")

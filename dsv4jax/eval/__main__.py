@@ -12,6 +12,8 @@ import json
 import sys
 import time
 
+from dsv4jax import compilation_cache
+
 
 def _jsonl(path: str) -> list[dict]:
     with open(path) as f:
@@ -30,12 +32,14 @@ def main(argv=None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--chunk", type=int, default=512)
     parser.add_argument("--mesh", default=None, help="spread over devices, e.g. cp=2,tp=2,ep=2 (default: one device)")
+    compilation_cache.add_argument(parser)
     args = parser.parse_args(argv)
 
     import dsv4jax
     from dsv4jax import eval as evaluation
 
     try:
+        compilation_cache.enable(args.compilation_cache)
         model = dsv4jax.load(args.model, dtype=args.dtype)
         start = time.perf_counter()
         if args.task == "loglik":

@@ -12,6 +12,8 @@ import logging
 import sys
 import time
 
+from dsv4jax import compilation_cache
+
 log = logging.getLogger("dsv4jax.serve")
 
 
@@ -40,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: powers of two up to --max-running-requests)")
     parser.add_argument("--default-chat-template-kwargs", default=None,
                         help='chat defaults as JSON, e.g. \'{"thinking": true}\' (SERVING.md §D.2)')
+    compilation_cache.add_argument(parser)
     parser.add_argument("--no-warmup", action="store_true", help="skip compiling every shape before serving")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
@@ -88,6 +91,7 @@ def main(argv=None) -> int:
 
     try:
         mesh = check_mesh(args.mesh, args.cp_mode)
+        compilation_cache.enable(args.compilation_cache)
         start = time.perf_counter()
         print(f"loading {args.model or 'the default model'} ...", file=sys.stderr, flush=True)
         model = dsv4jax.load(args.model, dtype=args.dtype, progress=True)
@@ -106,8 +110,9 @@ def main(argv=None) -> int:
         if not args.no_warmup:
             start = time.perf_counter()
             print("compiling every shape bucket (warm-up) ...", file=sys.stderr, flush=True)
-            engine.warmup()
-            print(f"warm-up done in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
+            compiled = engine.warmup()
+            print(f"warm-up done in {time.perf_counter() - start:.1f}s ({len(compiled)} shape buckets)",
+                  file=sys.stderr, flush=True)
     except (dsv4jax.ConfigError, CheckpointError, MeshError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -13,11 +13,14 @@ ahead-of-time compiled executables, one per shape bucket (rows × chunk length);
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import itertools
 import math
+import os
 import threading
+import time
 from typing import Iterator
 
 import jax
@@ -203,13 +206,30 @@ class Engine:
                     pages_used=allocator.total - allocator.free, pages_total=allocator.total,
                     compiles=self.compiles, **self.counters)
 
-    def warmup(self) -> None:
-        """Compile every bucket this engine can use, so that serving never compiles."""
-        for rows in self.prefill_row_buckets:
-            for chunk in self.chunk_buckets:
-                self._executable("prefill", rows, chunk)
-        for rows in self.decode_buckets:
-            self._executable("decode", rows)
+    def warmup(self, threads: int | None = None) -> dict[str, float]:
+        """Compile every bucket this engine can use, so that serving never compiles. Buckets are lowered one by
+        one (tracing holds the GIL) and compiled in `threads` threads at once (XLA compiles without it; default:
+        all of them, bounded by half the cores). Returns the seconds each bucket's compile took."""
+        keys = [("prefill", rows, chunk) for rows in self.prefill_row_buckets for chunk in self.chunk_buckets]
+        keys += [("decode", rows, None) for rows in self.decode_buckets]
+        keys = [key for key in keys if key not in self._executables]
+        seconds: dict[str, float] = {}
+
+        def compile_one(key, lowered):
+            began = time.perf_counter()
+            executable = lowered.compile()
+            kind, rows, chunk = key
+            seconds[f"{kind}-{rows}x{chunk or 1}"] = time.perf_counter() - began
+            return key, executable
+
+        threads = threads or max(1, min(len(keys), (os.cpu_count() or 2) // 2))
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+            running = [pool.submit(compile_one, key, self.lower(*key)) for key in keys]
+            for future in running:
+                key, executable = future.result()
+                self._executables[key] = executable
+                self.compiles += 1
+        return seconds
 
     def step(self) -> list[RequestOutput]:
         """Admit, prefill a chunk, decode; returns the outputs of every request that changed."""

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dsv4jax import compilation_cache
+
 
 def _tokens(corpus: Path, vocab_size: int, include_tests: bool) -> tuple[np.ndarray, np.ndarray]:
     from dsv4jax.tokenizer import JsonTokenizer
@@ -87,10 +89,17 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-windows", type=int, default=None, help="at most this many held-out windows")
     parser.add_argument("--jax-config", action="append", default=[], metavar="NAME=VALUE",
                         help="jax.config option, e.g. jax_ragged_dot_use_ragged_dot_instruction=false (repeatable)")
+    compilation_cache.add_argument(parser)
     args = parser.parse_args(argv)
 
     launched = time.perf_counter()
     import jax
+
+    try:
+        compilation_cache.enable(args.compilation_cache)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
     for option in args.jax_config:
         name, _, value = option.partition("=")
