@@ -19,7 +19,7 @@ serve: $(STAMP)
 	$(PY) -m dsv4jax.serve --host 127.0.0.1 --port 8000
 
 generate: $(STAMP)
-	$(PY) -m dsv4jax.generate --prompt "DeepSeek-V4 in JAX:" --max-new-tokens 24
+	$(PY) -m dsv4jax.generate --prompt "def fibonacci(n):" --max-new-tokens 32
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile tests  # two workers, a test file per worker at a time (module fixtures)

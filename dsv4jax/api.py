@@ -15,7 +15,7 @@ from dsv4jax.config import ConfigError, ModelConfig, load_config
 from dsv4jax.model import DeepseekV4, init_state
 from dsv4jax.tokenizer import load_tokenizer
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "dsv4-random-tiny"
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "dsv4-tiny"
 _BUCKET = 64
 
 

@@ -1,5 +1,5 @@
 """Text <-> token ids: a model directory's `tokenizer.json` (the `tokenizers` library), or bytes for models
-that ship none (the random default model)."""
+that ship none (models/dsv4-random-tiny)."""
 
 from __future__ import annotations
 

@@ -55,4 +55,4 @@ def test_command_line_prints_a_continuation():
     result = subprocess.run([sys.executable, "-m", "dsv4jax.generate", "--prompt", "Hi", "--max-new-tokens", "3"],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("[dsv4-random-tiny (random weights)] Hi")
+    assert result.stdout.startswith("[dsv4-tiny] Hi")

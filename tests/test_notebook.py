@@ -18,6 +18,6 @@ def test_quickstart_notebook_runs():
     elapsed = time.perf_counter() - start
     assert elapsed < 180, f"the notebook took {elapsed:.0f} s"
     text = "".join(out.get("text", "") for cell in notebook.cells for out in cell.get("outputs", []))
-    assert "random weights" in text and "perplexity" in text and "query 299 attends rows" in text
+    assert "dsv4-tiny" in text and "perplexity" in text and "query 299 attends rows" in text
     images = [out for cell in notebook.cells for out in cell.get("outputs", []) if "image/png" in out.get("data", {})]
     assert len(images) == 2  # the indexer selection and the routing histogram

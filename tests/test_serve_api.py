@@ -1,4 +1,4 @@
-"""`python -m dsv4jax.serve` end to end: the real engine on the default model, started once for this module on
+"""`python -m dsv4jax.serve` end to end: the real engine on the random-weight model, started once for this module on
 127.0.0.1 (a free port), driven by the official `openai` package and raw HTTP (issue #5 acceptance)."""
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 # Small and cheap on CPU: one prefill shape and one decode shape (two compiles at warm-up). float32 so that the
 # engine's logprobs can be held to the model's own log-softmax tightly.
-SERVER_ARGS = ["--dtype", "float32", "--max-model-len", "512", "--page-tokens", "128", "--prefill-chunk", "64",
+# The random-weight model: its outputs are noise that never closes </think> nor stops early, which these tests use.
+RANDOM_MODEL = str(ROOT / "models" / "dsv4-random-tiny")
+SERVER_ARGS = ["--model", RANDOM_MODEL, "--dtype", "float32", "--max-model-len", "512", "--page-tokens", "128", "--prefill-chunk", "64",
                "--prefill-buckets", "64", "--max-prefill-rows", "1", "--max-running-requests", "4",
                "--decode-buckets", "4", "--max-waiting-requests", "64"]
 MAX_MODEL_LEN = 512
@@ -77,9 +79,9 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def reference_model():
-    """The same default model in this process (random weights from the same seed), for log-softmax checks."""
+    """The same model in this process (random weights from the same seed), for log-softmax checks."""
     import dsv4jax
-    return dsv4jax.load(dtype="float32", progress=False)
+    return dsv4jax.load(RANDOM_MODEL, dtype="float32", progress=False)
 
 
 def _log_softmax(model, ids: list[int]) -> np.ndarray:
@@ -112,7 +114,7 @@ def _wait_idle(base: str, timeout: float = 60.0) -> dict[str, float]:
 
 
 def test_models_health_and_tokenize(server, model_name):
-    assert "random weights" in model_name  # the embedded default model is named as what it is
+    assert "random weights" in model_name  # a model without trained weights is named as what it is
     assert httpx2.get(server + "/health").json() == {"status": "ok"}
     tokens = httpx2.post(server + "/tokenize", json={"prompt": "Hi there"}).json()
     assert tokens["tokens"][0] == 0 and tokens["count"] == len("Hi there") + 1  # BOS + bytes

@@ -1,4 +1,4 @@
-"""Random initialisation for models built without a checkpoint (tests, the random default model).
+"""Random initialisation for models built without a checkpoint (tests, models/dsv4-random-tiny).
 
 Values are drawn on the host with numpy from a seed split off the NNX `Rngs` stream: eager `jax.random` would
 compile one small program per parameter shape, which makes building even a tiny model take many seconds.
