@@ -24,6 +24,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from bench.common import device_slug, write_results  # noqa: E402
+from dsv4jax import compilation_cache  # noqa: E402
 from dsv4jax.api import Model  # noqa: E402
 from dsv4jax.config import load_config  # noqa: E402
 from dsv4jax.model import DeepseekV4  # noqa: E402
@@ -70,7 +71,10 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--name", default=None)
+    parser.add_argument("--compilation-cache", default="none", metavar="DIR",
+                        help="persistent compilation cache (default: none, so compile times are first-start times)")
     args = parser.parse_args()
+    compilation_cache.enable(args.compilation_cache)
 
     config = load_config(args.config, dtype="bfloat16")
     start = time.perf_counter()
@@ -87,10 +91,8 @@ def main() -> None:
             prefill_row_buckets=(min(8, max(args.batches)),),
             decode_buckets=tuple(args.batches), speculative_steps=steps, prompt_logprobs=False))
         start = time.perf_counter()
-        # engine.warmup(): lowered one by one, compiled in threads; the seconds of each compile (concurrent).
-        compile_times = engine.warmup()
-        for key, seconds in compile_times.items():
-            print(f"  compiled {key}: {seconds:.1f} s", flush=True)
+        # engine.warmup(): lowered one by one, compiled in threads (each compile's seconds overlap the others').
+        compile_times = engine.warmup(report=lambda record: print(f"  {record}", flush=True))
         compile_s = time.perf_counter() - start
         print(f"speculative_steps={steps}: {engine.compiles} executables compiled in {compile_s:.1f} s", flush=True)
         for batch in args.batches:

@@ -110,7 +110,12 @@ def main(argv=None) -> int:
         if not args.no_warmup:
             start = time.perf_counter()
             print("compiling every shape bucket (warm-up) ...", file=sys.stderr, flush=True)
-            compiled = engine.warmup()
+            def report(record):
+                stage = f"compiled in {record['compile_s']:.1f}s" if "compile_s" in record else \
+                    f"lowered in {record['lower_s']:.1f}s, compiling"
+                print(f"  {record['bucket']}: {stage}", file=sys.stderr, flush=True)
+
+            compiled = engine.warmup(report=report)
             print(f"warm-up done in {time.perf_counter() - start:.1f}s ({len(compiled)} shape buckets)",
                   file=sys.stderr, flush=True)
     except (dsv4jax.ConfigError, CheckpointError, MeshError, ValueError) as error:

@@ -206,30 +206,38 @@ class Engine:
                     pages_used=allocator.total - allocator.free, pages_total=allocator.total,
                     compiles=self.compiles, **self.counters)
 
-    def warmup(self, threads: int | None = None) -> dict[str, float]:
+    def warmup(self, threads: int | None = None, report=None) -> list[dict]:
         """Compile every bucket this engine can use, so that serving never compiles. Buckets are lowered one by
         one (tracing holds the GIL) and compiled in `threads` threads at once (XLA compiles without it; default:
-        all of them, bounded by half the cores). Returns the seconds each bucket's compile took."""
+        all of them, bounded by half the cores). Returns one record per bucket compiled now: {"bucket", "lower_s",
+        "compile_s"}; `report(record)` is called as each is lowered and again when it has compiled."""
         keys = [("prefill", rows, chunk) for rows in self.prefill_row_buckets for chunk in self.chunk_buckets]
         keys += [("decode", rows, None) for rows in self.decode_buckets]
         keys = [key for key in keys if key not in self._executables]
-        seconds: dict[str, float] = {}
+        report = report or (lambda record: None)
 
-        def compile_one(key, lowered):
+        def compile_one(record, lowered):
             began = time.perf_counter()
             executable = lowered.compile()
-            kind, rows, chunk = key
-            seconds[f"{kind}-{rows}x{chunk or 1}"] = time.perf_counter() - began
-            return key, executable
+            record["compile_s"] = time.perf_counter() - began
+            report(record)
+            return executable
 
+        records, running = [], []
         threads = threads or max(1, min(len(keys), (os.cpu_count() or 2) // 2))
         with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-            running = [pool.submit(compile_one, key, self.lower(*key)) for key in keys]
-            for future in running:
-                key, executable = future.result()
-                self._executables[key] = executable
+            for kind, rows, chunk in keys:
+                record = {"bucket": f"{kind}-{rows}x{chunk or 1}"}
+                began = time.perf_counter()
+                lowered = self.lower(kind, rows, chunk)
+                record["lower_s"] = time.perf_counter() - began
+                report(record)
+                records.append(record)
+                running.append(((kind, rows, chunk), pool.submit(compile_one, record, lowered)))
+            for key, future in running:
+                self._executables[key] = future.result()
                 self.compiles += 1
-        return seconds
+        return records
 
     def step(self) -> list[RequestOutput]:
         """Admit, prefill a chunk, decode; returns the outputs of every request that changed."""
