@@ -34,8 +34,13 @@ def test_batched_loglikelihood_equals_one_at_a_time(model):
               rng.integers(0, 256, int(rng.integers(1, 40))).tolist()) for _ in range(64)]
     batched = evaluation.loglikelihood(model, pairs, batch_size=8)
     alone = [evaluation.loglikelihood(model, [pair], batch_size=1)[0] for pair in pairs]
+    # fp32: batch shapes change XLA's summation order, so results differ by rounding (max relative 1.9e-7 over
+    # 512 pairs here). Rounding can also flip a near-tie in a top-k (router or indexer), a discrete change: one
+    # clean-clone CI run saw one pair at 1.8e-6. So: all but two pairs within 1e-6, every pair within 1e-5.
+    rel = np.array([abs(b.logprob - a.logprob) / max(abs(a.logprob), 1e-6) for b, a in zip(batched, alone)])
+    assert np.all(rel <= 1e-5), rel.max()
+    assert np.sum(rel > 1e-6) <= 2, np.sort(rel)[-3:]
     for b, a in zip(batched, alone):
-        assert b.logprob == pytest.approx(a.logprob, rel=1e-6, abs=1e-6)
         assert b.is_greedy == a.is_greedy
     for pair, b in list(zip(pairs, batched))[:4]:  # and equal to the plain logits of the sequence
         assert b.logprob == pytest.approx(_direct_logprob(model, *pair), rel=1e-5)
