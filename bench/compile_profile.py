@@ -33,6 +33,7 @@ def child(variant: str, buckets: list[str], out: str, config_path: str) -> None:
     """One variant in this process; appends one JSON line per finished stage to `out`."""
     import jax
     import jax.monitoring
+    import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
@@ -84,7 +85,6 @@ def child(variant: str, buckets: list[str], out: str, config_path: str) -> None:
                   "mosaic_custom_calls": text.count("mosaic_gpu"), "hlo_chars": len(text),
                   "events": {k: round(v, 3) for k, v in events.items()}}
         # First call (a Mosaic GPU kernel may finish compiling when first run), then a second for comparison.
-        import jax.numpy as jnp
         rest = jax.tree.map(lambda info: np.zeros(info.shape, info.dtype), lowered.args_info[0][2:])
         for name in ("first_call_s", "second_call_s"):
             caches = jax.tree.map(jnp.copy, engine.caches)  # the step donates its caches

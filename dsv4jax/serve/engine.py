@@ -150,7 +150,6 @@ class Engine:
         self.decode_buckets = config.row_buckets(config.max_running_requests, config.decode_buckets)
         self.prefill_row_buckets = config.row_buckets(config.prefill_rows, config.prefill_row_buckets)
         self.chunk_buckets = config.chunk_buckets()
-        self.compiles = 0
         self._executables: dict[tuple, object] = {}
         self._inbox: list[Request] = []
         self._aborts: list[str] = []
@@ -236,8 +235,12 @@ class Engine:
                 running.append(((kind, rows, chunk), pool.submit(compile_one, record, lowered)))
             for key, future in running:
                 self._executables[key] = future.result()
-                self.compiles += 1
         return records
+
+    @property
+    def compiles(self) -> int:
+        """Executables compiled so far (one per shape bucket used)."""
+        return len(self._executables)
 
     def step(self) -> list[RequestOutput]:
         """Admit, prefill a chunk, decode; returns the outputs of every request that changed."""
@@ -410,12 +413,8 @@ class Engine:
     def _executable(self, kind: str, rows: int, chunk: int | None = None):
         key = (kind, rows, chunk)
         if key not in self._executables:
-            self._executables[key] = self._compile(kind, rows, chunk)
-            self.compiles += 1
+            self._executables[key] = self.lower(kind, rows, chunk).compile()
         return self._executables[key]
-
-    def _compile(self, kind: str, rows: int, chunk: int | None):
-        return self.lower(kind, rows, chunk).compile()
 
     def lower(self, kind: str, rows: int, chunk: int | None = None):
         """The lowered step of one bucket ("prefill" rows × chunk, or "decode" rows); `.compile()` gives the
