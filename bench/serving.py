@@ -40,8 +40,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str | None, extra: list[str], timeout: float) -> tuple[subprocess.Popen, str]:
+def start_server(model: str | None, extra: list[str], timeout: float) -> tuple[subprocess.Popen, str, float]:
+    """Starts the server and waits until /health answers; returns the process, its URL and the seconds that took
+    (loading plus warm-up compilation, which the compilation cache shortens on a second start)."""
     port = _free_port()
+    began = time.perf_counter()
     command = [sys.executable, "-m", "dsv4jax.serve", "--host", "127.0.0.1", "--port", str(port), *extra]
     if model:
         command += ["--model", model]
@@ -54,7 +57,7 @@ def start_server(model: str | None, extra: list[str], timeout: float) -> tuple[s
             raise SystemExit(f"the server exited with {process.returncode} before it was healthy")
         try:
             if httpx2.get(base + "/health", timeout=2).status_code == 200:
-                return process, base
+                return process, base, time.perf_counter() - began
         except httpx2.TransportError:
             pass
         time.sleep(1)
@@ -135,7 +138,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     levels = [int(c) for c in args.concurrency.split(",")]
-    process = None
+    process, startup_s = None, None
     if args.url:
         base = args.url.rstrip("/")
     else:
@@ -144,7 +147,8 @@ def main(argv=None) -> int:
             extra += ["--max-running-requests", str(max(levels))]
         if "--max-model-len" not in extra:
             extra += ["--max-model-len", str(args.input_len + args.output_len + 64)]
-        process, base = start_server(args.model, extra, args.startup_timeout)
+        process, base, startup_s = start_server(args.model, extra, args.startup_timeout)
+        print(f"server healthy after {startup_s:.1f} s", flush=True)
     try:
         info = httpx2.get(base + "/server_info", timeout=30).json()
         vocab = int(info["vocab_size"])
@@ -175,7 +179,7 @@ def main(argv=None) -> int:
                           "concurrency": levels, "requests_per_client": args.requests_per_client,
                           "server_args": args.server_args, "engine_config": info.get("engine_config"),
                           "max_model_len": info.get("max_model_len")},
-               "results": records,
+               "server_startup_s": startup_s, "results": records,
                "server_stats_after": after.get("stats"),
                "avg_spec_accept_length": after.get("avg_spec_accept_length")}
     RESULTS.mkdir(parents=True, exist_ok=True)
