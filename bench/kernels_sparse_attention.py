@@ -9,6 +9,7 @@ Each kernel output is checked against the reference first (output buffer poisone
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
@@ -20,7 +21,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import device_slug, measure_ceilings, median_seconds, roofline, write_results  # noqa: E402
-from dsv4jax.pallas.sparse_attention.kernel import sparse_attention_kernel  # noqa: E402
+from dsv4jax.pallas.sparse_attention.kernel import ROW_UNROLL, sparse_attention_kernel  # noqa: E402
 from dsv4jax.pallas.sparse_attention.reference import sparse_attention_reference  # noqa: E402
 
 H, D, WINDOW, TOPK = 64, 512, 128, 512
@@ -109,7 +110,7 @@ def check_small(key):
     return records
 
 
-def benchmark() -> list[dict]:
+def benchmark(prefill_lengths, decode_shapes, name) -> list[dict]:
     ceilings = measure_ceilings()
     print(f"ceilings: matmul {ceilings['matmul_tflops']:.0f} TFLOP/s, copy {ceilings['copy_tbps']:.2f} TB/s", flush=True)
     key = jax.random.key(int(time.time()))
@@ -117,9 +118,15 @@ def benchmark() -> list[dict]:
     reference = jax.jit(lambda *a: sparse_attention_reference(*a, SCALE))
 
     def run(kind, label, q, kv, idx, sink, ref_fits, iters):
-        kernel, out = checked_kernel_output(q, kv, idx, sink)
         rec = {"kind": kind, "shape": label, "B": q.shape[0], "S": q.shape[1], "H": H, "d": D, "K": idx.shape[2],
                "kv_rows": kv.shape[1]}
+        start = time.perf_counter()  # first sight of this shape: lowering (Mosaic GPU layout inference) + compile
+        lowered = jax.jit(lambda *a: sparse_attention_kernel(*a, scale=SCALE)).lower(q, kv, idx, sink)
+        rec["lower_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        lowered.compile()
+        rec["compile_s"] = time.perf_counter() - start
+        kernel, out = checked_kernel_output(q, kv, idx, sink)
         valid = int((idx >= 0).sum())
         flops = valid * H * D * 4
         bytes_read = valid * D * kv.dtype.itemsize + q.size * q.dtype.itemsize
@@ -155,30 +162,29 @@ def benchmark() -> list[dict]:
         return rec
 
     def save():  # after every record, so a run cut short by a time limit still leaves its figures
-        return write_results(f"kernels-sparse_attention-{device_slug()}",
-                             {"H": H, "d": D, "window": WINDOW, "topk": TOPK, "dtype": "bfloat16", "block_rows": 32},
-                             records, {"ceilings": ceilings})
+        return write_results(name, {"H": H, "d": D, "window": WINDOW, "topk": TOPK, "dtype": "bfloat16",
+                                    "block_rows": 32, "row_unroll": ROW_UNROLL}, records, {"ceilings": ceilings})
 
     save()
-    only = os.environ.get("SPARSE_ATTN_BENCH", "prefill,decode")
-    if "prefill" in only:
-        for S in (4096, 16384, 65536):
-            q, kv, idx, sink = prefill_inputs(S, jax.random.fold_in(key, S))
-            records.append(run("prefill", f"S={S}", q, kv, idx, sink, ref_fits=S <= 16384, iters=10))
-            save()
-            del q, kv, idx, sink
-    if "decode" in only:
-        pairs = [(B, ctx) for ctx in (4096, 131072) for B in (1, 8, 32, 128)]
-        if os.environ.get("SPARSE_ATTN_DECODE"):  # "B:ctx,B:ctx" subset (device time)
-            pairs = [tuple(map(int, p.split(":"))) for p in os.environ["SPARSE_ATTN_DECODE"].split(",")]
-        for B, ctx in pairs:
-            q, kv, idx, sink = decode_inputs(B, ctx, jax.random.fold_in(key, B * 7 + ctx))
-            records.append(run("decode", f"B={B} ctx={ctx}", q, kv, idx, sink, ref_fits=True, iters=20))
-            save()
-            del q, kv, idx, sink
+    for S in prefill_lengths:
+        q, kv, idx, sink = prefill_inputs(S, jax.random.fold_in(key, S))
+        records.append(run("prefill", f"S={S}", q, kv, idx, sink, ref_fits=S <= 16384, iters=10))
+        save()
+        del q, kv, idx, sink
+    for B, ctx in decode_shapes:
+        q, kv, idx, sink = decode_inputs(B, ctx, jax.random.fold_in(key, B * 7 + ctx))
+        records.append(run("decode", f"B={B} ctx={ctx}", q, kv, idx, sink, ref_fits=True, iters=20))
+        save()
+        del q, kv, idx, sink
     print("wrote", save())
     return records
 
 
 if __name__ == "__main__":
-    benchmark()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prefill", type=int, nargs="*", default=[4096, 16384, 65536], help="prefill lengths")
+    parser.add_argument("--decode", nargs="*", default=[f"{b}:{c}" for c in (4096, 131072) for b in (1, 8, 32, 128)],
+                        help="decode shapes as batch:context")
+    parser.add_argument("--name", default=f"kernels-sparse_attention-{device_slug()}")
+    args = parser.parse_args()
+    benchmark(args.prefill, [tuple(map(int, shape.split(":"))) for shape in args.decode], args.name)

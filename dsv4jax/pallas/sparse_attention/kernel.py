@@ -48,6 +48,7 @@ STATIC_IDX = _os.environ.get("DSV4JAX_SA_STATIC", "0") == "1"
 CONV_W = int(_os.environ.get("DSV4JAX_SA_CW", "128"))  # column chunk width of the tiled buffer (64 or 128)
 STAGE_2D = _os.environ.get("DSV4JAX_SA_STAGE2D", "0") == "1"  # staging (bk, d) per slot, TMAs of <=256 columns
 HEADS_PER_CTA = 64  # wgmma M of one warpgroup
+ROW_UNROLL = int(_os.environ.get("DSV4JAX_SA_ROW_UNROLL", "4"))  # row gathers unrolled per loop iteration
 
 
 def unsupported_reason(q, kv, indices, sink) -> str | None:
@@ -262,7 +263,7 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False):
             plgpu.barrier_wait(idx_bar)
 
             def gather(j, slot):
-                for r in range(bk):
+                def row_copy(r, carry):
                     flat = j * bk + r
                     row = jnp.maximum(idx_smem[flat // bk, flat % bk] if IDS_2D else idx_smem[flat], 0)
                     if STAGE_CONTIG:  # d/CW TMAs per row, into chunk-major staging
@@ -276,6 +277,11 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False):
                     else:
                         plgpu.copy_gmem_to_smem(kv_ref.at[kv_b, pl.ds(row, 1)], stage.at[slot, pl.ds(r, 1)],  # one TMA
                                                 stage_bar.at[slot])
+                    return carry
+
+                # A loop, not bk unrolled copies: jax 0.11's Mosaic GPU layout inference grows faster than linearly
+                # with the kernel's op count (fully unrolled, lowering one attention shape took ~15 s; NOTES.md).
+                lax.fori_loop(0, bk, row_copy, None, unroll=min(ROW_UNROLL, bk))
 
             for i in range(min(NS, nblk)):
                 gather(i, i)
