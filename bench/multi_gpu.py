@@ -98,8 +98,9 @@ def main() -> None:
     records += expert_parallel(args.moe_config, args.moe_tokens, args.repeats)
     save()
     for mode in args.modes:
-        # cp=1 runs once (its split mode is moot); every later run is checked against the first for its length.
-        cps = [c for c in args.cp if c > 1 or mode == args.modes[0]]
+        # The smallest cp is the reference: it runs once (under the first mode); every later run is checked
+        # against the first for its length.
+        cps = [c for c in args.cp if c > min(args.cp) or mode == args.modes[0]]
         records += run_context_parallel(config, cps, args.lengths, mode, args.chunk, args.repeats, "auto", reference)
         save()
     for mode in args.modes:
