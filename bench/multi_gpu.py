@@ -103,8 +103,9 @@ def main() -> None:
         cps = [c for c in args.cp if c > min(args.cp) or mode == args.modes[0]]
         records += run_context_parallel(config, cps, args.lengths, mode, args.chunk, args.repeats, "auto", reference)
         save()
+    long_cps = [c for c in args.cp if c > 1]
     for mode in args.modes:
-        cps = [c for c in args.cp if c > 1]
+        cps = [c for c in long_cps if c > min(long_cps) or mode == args.modes[0]]
         records += run_context_parallel(config, cps, args.long, mode, args.chunk, args.repeats, "auto", reference)
         save()
     print(f"total {time.perf_counter() - start:.0f} s")
