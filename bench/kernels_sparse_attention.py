@@ -96,6 +96,10 @@ def check_small(key):
     idx = jnp.where(jnp.arange(640)[None, None] < valid, idx, -1)
     cases.append(("ragged decode B=3 S=3", B, S, N, idx, B))
     cases.append(("kv batch 1 shared", B, S, N, idx, 1))
+    B, S, N, K = 2, 2, 9000, 4224  # HCA at 512k tokens: K = 128 + 4096 (the index ring wraps 22 times)
+    idx = jax.random.randint(ks[3], (B, S, K), 0, N)
+    idx = jnp.where(jax.random.uniform(ks[4], idx.shape) < 0.3, -1, idx)
+    cases.append(("long-context K=4224", B, S, N, idx, B))
     for name, B, S, N, idx, Bk in cases:
         kq, kk, ksk = jax.random.split(jax.random.fold_in(key, len(records)), 3)
         q = jax.random.normal(kq, (B, S, H, D), jnp.bfloat16)

@@ -90,3 +90,18 @@ def test_d256_128_column_chunks(seed):
     # d=256 takes the 128-column chunks that the GPU default uses at d=512 (d=128 falls back to 64)
     q, kv, idx, sink = _inputs(seed, 1, 2, 16, 80, 40, d=256)
     _check(q, kv, jnp.where(jnp.arange(40) % 7 == 3, -1, idx), sink)
+
+
+def test_more_blocks_than_the_index_ring(seed):
+    # K = 200 is 7 blocks of 32: the ring of 6 index blocks wraps, refilled while the compute WGs run
+    q, kv, idx, sink = _inputs(seed, 1, 2, 16, 300, 200)
+    _check(q, kv, jnp.where(jax.random.uniform(jax.random.key(seed + 3), idx.shape) < 0.2, -1, idx), sink)
+
+
+@pytest.mark.parametrize("K", [640, 4224, 8320])
+def test_lowers_for_the_gpu_at_long_context_k(K):
+    # HCA attends all visible compressed rows: K = 128 + n/128 grows with the context (4224 at 512k tokens,
+    # 8320 at 1M). Shared memory must not grow with K (it once held all indices and overflowed at 512k).
+    args = (jax.ShapeDtypeStruct((4, 1, 64, 512), jnp.bfloat16), jax.ShapeDtypeStruct((4, 9000, 512), jnp.bfloat16),
+            jax.ShapeDtypeStruct((4, 1, K), jnp.int32), jax.ShapeDtypeStruct((64,), jnp.float32))
+    jax.jit(lambda *a: sparse_attention_kernel(*a, scale=0.04)).trace(*args).lower(lowering_platforms=("cuda",))

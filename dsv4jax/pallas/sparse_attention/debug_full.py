@@ -35,17 +35,15 @@ VARIANTS = {  # name -> kernel.py globals
     "outreg": {"OUT_VIA_SMEM": False},
     "xopt0": {"EXCH_OPT": False},
     "xp0": {"EXCH_PAD": 0, "EXCH_OPT": False},
-    "ids2d": {"IDS_2D": True},
     "contig": {"STAGE_CONTIG": True},
     "contig128": {"STAGE_CONTIG": True, "CONV_W": 128},
     "stage2d": {"STAGE_2D": True},
     "stage2d128": {"STAGE_2D": True, "CONV_W": 128},
-    "all": {"Q_CHUNKED": True, "EXCH_PAD": 0, "EXCH_OPT": False, "IDS_2D": True, "STATIC_IDX": True},
+    "all": {"Q_CHUNKED": True, "EXCH_PAD": 0, "EXCH_OPT": False, "STATIC_IDX": True},
 }
 DEFAULTS = {k: getattr(KM, k) for v in VARIANTS.values() for k in v}
 ENV = {"Q_CHUNKED": ("DSV4JAX_SA_QCHUNK", {True: "1", False: "0"}), "OUT_VIA_SMEM": ("DSV4JAX_SA_OUTREG", {True: "0", False: "1"}),
        "EXCH_OPT": ("DSV4JAX_SA_XOPT", {True: "1", False: "0"}), "EXCH_PAD": ("DSV4JAX_SA_XP", None),
-       "IDS_2D": ("DSV4JAX_SA_IDS2D", {True: "1", False: "0"}),
        "STATIC_IDX": ("DSV4JAX_SA_STATIC", {True: "1", False: "0"}),
        "STAGE_CONTIG": ("DSV4JAX_SA_CONTIG", {True: "1", False: "0"}), "CONV_W": ("DSV4JAX_SA_CW", None),
        "STAGE_2D": ("DSV4JAX_SA_STAGE2D", {True: "1", False: "0"})}

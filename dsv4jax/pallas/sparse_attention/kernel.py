@@ -38,10 +38,9 @@ TILED_CHUNKED = _os.environ.get("DSV4JAX_SA_CHUNKED", "1") == "1"  # tiled KV bu
 # staging buffer lands 16-byte units XOR-permuted by the chunk index (NOTES.md), whole chunk refs do not.
 STAGE_CONTIG = _os.environ.get("DSV4JAX_SA_CONTIG", "1") == "1"
 # GPU-debugging variants (read at trace time; see debug_full.py): Q/output SMEM as 64-column chunks, exchange
-# row padding and load plan, indices in SMEM as (blocks, bk).
+# row padding and load plan.
 Q_CHUNKED = _os.environ.get("DSV4JAX_SA_QCHUNK", "0") == "1"
 EXCH_PAD = int(_os.environ.get("DSV4JAX_SA_XP", "8"))
-IDS_2D = _os.environ.get("DSV4JAX_SA_IDS2D", "0") == "1"
 EXCH_OPT = _os.environ.get("DSV4JAX_SA_XOPT", "1") == "1"  # bank-conflict-avoiding plan for the exchange load
 # Static SMEM indices: one code path per compute warpgroup and the block loop unrolled by the buffer count.
 STATIC_IDX = _os.environ.get("DSV4JAX_SA_STATIC", "0") == "1"
@@ -88,7 +87,10 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False):
     PW = min(d, 256)  # STAGE_2D: columns per row TMA
     NCH = d // CW  # column chunks of the tiled buffer
     HCH = NCH // 2  # chunks per half
-    IC = next(c for c in (256, 128, 64, 32) if Kp % c == 0)  # index chunk per TMA
+    # Indices live in a ring of NI blocks, not all Kp in SMEM (HCA's K grows with the context: at 512k tokens
+    # K = 4224 did not fit). Block j's slot is refilled with block j+NI once both compute WGs are done with j
+    # (free_bar of block j, seen at convert(j+NT)), which leaves NI-NT-NS blocks of slack before gather(j+NI).
+    NI = NT + NS + 2
     qk_scale = scale * LOG2E
     itemsize = jnp.dtype(dtype).itemsize
     # P·V contracts over the bk rows: with the rows as the MN-major K dimension, wgmma needs K to be a multiple
@@ -109,7 +111,7 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False):
         dbg = None
         if debug:
             dbg, rest = rest[:6], rest[6:]
-        (q_smem, stage, tiled, exch, idx_smem, sink_smem,
+        (q_smem, stage, tiled, exch, idx_ring, sink_smem,
          q_bar, idx_bar, stage_bar, ready_bar, free_bar, x_bar, xfree_bar) = rest
         tok = lax.axis_index("th") * TL + lax.axis_index("tl")
         grp = lax.axis_index("hg")
@@ -177,8 +179,8 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False):
                 s_other = load(exch.at[1 - h, :, pl.ds(0, bk)], plgpu.Layout.WGMMA, optimized=EXCH_OPT)
                 plgpu.barrier_arrive(xfree_bar)
                 s = (s_own + s_other) * qk_scale  # fp32 + is commutative: both WGs get identical scores
-                ids_src = idx_smem.at[j] if IDS_2D else idx_smem.at[pl.ds(j * bk, bk)]
-                ids = load(ids_src, plgpu.Layout.WGMMA.reduce(0))
+                plgpu.barrier_wait(idx_bar.at[lax.rem(j, NI)])
+                ids = load(idx_ring.at[lax.rem(j, NI)], plgpu.Layout.WGMMA.reduce(0))
                 valid = lax.broadcast_in_dim(ids >= 0, (M, bk), [1])
                 s = jnp.where(valid, s, -jnp.inf)
                 m_new = jnp.maximum(m_i, s.max(axis=1))
@@ -256,16 +258,18 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False):
         @pl.when(wg == 2)
         def _memory():
             plgpu.set_max_registers(40, action="decrease")
-            for c in range(Kp // IC):
-                dst = idx_smem.at[pl.ds(c * IC // bk, IC // bk)] if IDS_2D else idx_smem.at[pl.ds(c * IC, IC)]
-                plgpu.copy_gmem_to_smem(idx_ref.at[tok, pl.ds(c * IC // bk, IC // bk)] if IDS_2D
-                                        else idx_ref.at[tok, pl.ds(c * IC, IC)], dst, idx_bar)
-            plgpu.barrier_wait(idx_bar)
+            def load_indices(j):  # block j's indices into its ring slot
+                plgpu.copy_gmem_to_smem(idx_ref.at[tok, pl.ds(j * bk, bk)], idx_ring.at[lax.rem(j, NI)],
+                                        idx_bar.at[lax.rem(j, NI)])
+
+            for i in range(min(NI, nblk)):
+                load_indices(i)
 
             def gather(j, slot):
+                plgpu.barrier_wait(idx_bar.at[lax.rem(j, NI)])
+
                 def row_copy(r, carry):
-                    flat = j * bk + r
-                    row = jnp.maximum(idx_smem[flat // bk, flat % bk] if IDS_2D else idx_smem[flat], 0)
+                    row = jnp.maximum(idx_ring[lax.rem(j, NI), r], 0)
                     if STAGE_CONTIG:  # d/CW TMAs per row, into chunk-major staging
                         for k in range(d // RW):
                             plgpu.copy_gmem_to_smem(kv_ref.at[kv_b, pl.ds(row, 1), k], stage.at[slot, k, pl.ds(r, 1)],
@@ -296,7 +300,11 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False):
 
                 @pl.when(j >= NT)
                 def _():
-                    plgpu.barrier_wait(free_bar.at[t_slot])
+                    plgpu.barrier_wait(free_bar.at[t_slot])  # both compute WGs are done with block j - NT
+
+                    @pl.when(j - NT + NI < nblk)
+                    def _():
+                        load_indices(j - NT + NI)
 
                 for c in range(d // CW):
                     if STAGE_CONTIG:
@@ -347,10 +355,10 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False):
                    dtype),  # staging (row gathers)
         plgpu.SMEM((NT, NCH, bk, CW) if TILED_CHUNKED else (NT, bk, d), dtype, transforms=tiled_t),  # wgmma operand
         plgpu.SMEM((2, M, bk + XP), jnp.float32),  # partial-score exchange (rows padded: no bank conflicts)
-        plgpu.SMEM((nblk, bk) if IDS_2D else (Kp,), jnp.int32),
+        plgpu.SMEM((NI, bk), jnp.int32),  # index ring
         plgpu.SMEM((2, M), jnp.float32),
         plgpu.Barrier(num_arrivals=1 + (HCH_ if Q_CHUNKED else 1), num_barriers=2),  # q_bar: Q + sink
-        plgpu.Barrier(num_arrivals=Kp // IC),  # idx_bar
+        plgpu.Barrier(num_barriers=NI),  # idx_bar: one per ring slot
         plgpu.Barrier(num_arrivals=bk * (d // RW if STAGE_CONTIG else d // PW if STAGE_2D else 1),
                       num_barriers=NS),  # stage_bar: row copies
         plgpu.Barrier(num_barriers=NT),  # ready_bar
@@ -379,9 +387,7 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False):
         compiler_params=plgpu.CompilerParams(approx_math=True),
         **kwargs,
     )
-    if not IDS_2D:
-        return call
-    return lambda q, kv, idx, sink: call(q, kv, idx.reshape(T, nblk, bk), sink)
+    return call
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "bk", "interpret", "debug"))
