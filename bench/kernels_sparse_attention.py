@@ -5,6 +5,7 @@ compressed rows]; query t attends rows 128+t-j (j<128) and 512 distinct random c
 Decode: B sequences of one query token, K = 128 window + 512 compressed indices into kv of 128+1+ctx/4 rows.
 Useful FLOPs: valid (query, key) pairs × H × d × 2 (QK) × 2 (PV). Decode bytes: valid KV rows + Q read.
 Each kernel output is checked against the reference first (output buffer poisoned by a preceding NaN run).
+DSV4JAX_SA_SPLIT_K=1 turns on the split over K for small decode batches (not yet verified on a GPU).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import device_slug, measure_ceilings, median_seconds, roofline, write_results  # noqa: E402
-from dsv4jax.pallas.sparse_attention.kernel import ROW_UNROLL, sparse_attention_kernel  # noqa: E402
+from dsv4jax.pallas.sparse_attention.kernel import (HEADS_PER_CTA, ROW_UNROLL, default_splits,  # noqa: E402
+                                                    sparse_attention_kernel)
 from dsv4jax.pallas.sparse_attention.reference import sparse_attention_reference  # noqa: E402
 
 H, D, WINDOW, TOPK = 64, 512, 128, 512
@@ -123,7 +125,8 @@ def benchmark(prefill_lengths, decode_shapes, name) -> list[dict]:
 
     def run(kind, label, q, kv, idx, sink, ref_fits, iters):
         rec = {"kind": kind, "shape": label, "B": q.shape[0], "S": q.shape[1], "H": H, "d": D, "K": idx.shape[2],
-               "kv_rows": kv.shape[1]}
+               "kv_rows": kv.shape[1],
+               "splits": default_splits(q.shape[0] * q.shape[1] * (H // HEADS_PER_CTA), -(-idx.shape[2] // 32))}
         start = time.perf_counter()  # first sight of this shape: lowering (Mosaic GPU layout inference) + compile
         lowered = jax.jit(lambda *a: sparse_attention_kernel(*a, scale=SCALE)).lower(q, kv, idx, sink)
         rec["lower_s"] = time.perf_counter() - start

@@ -28,10 +28,11 @@ def _inputs(seed, B, S, H, N, K, Bk=None, d=D):
     return q, kv, idx, sink
 
 
-def _check(q, kv, idx, sink):
+def _check(q, kv, idx, sink, splits=1):
     scale = q.shape[-1] ** -0.5
     try:
-        out = sparse_attention_kernel(q, kv, idx, sink, scale=scale, interpret=compat.mosaic_gpu_interpret_params())
+        out = sparse_attention_kernel(q, kv, idx, sink, scale=scale, interpret=compat.mosaic_gpu_interpret_params(),
+                                      splits=splits)
         out = jax.block_until_ready(out)
     except Exception:
         compat.reset_interpret_state()
@@ -98,10 +99,22 @@ def test_more_blocks_than_the_index_ring(seed):
     _check(q, kv, jnp.where(jax.random.uniform(jax.random.key(seed + 3), idx.shape) < 0.2, -1, idx), sink)
 
 
+@pytest.mark.parametrize("splits", [2, 3])
+def test_split_over_k_with_empty_splits(seed, splits):
+    # decode-like: 2 sequences × 2 tokens, K = 160 (5 blocks) over 2-3 CTAs each; one token's only valid rows
+    # sit in the first block, so the later splits see none (l = 0, weight 0), and the sink is counted once
+    q, kv, idx, sink = _inputs(seed, 2, 2, 16, 400, 160)
+    idx = idx.at[0, 1, 20:].set(-1)
+    idx = jnp.where(jax.random.uniform(jax.random.key(seed + 4), idx.shape) < 0.3, -1, idx)
+    _check(q, kv, idx, sink, splits=splits)
+
+
 @pytest.mark.parametrize("K", [640, 4224, 8320])
 def test_lowers_for_the_gpu_at_long_context_k(K):
     # HCA attends all visible compressed rows: K = 128 + n/128 grows with the context (4224 at 512k tokens,
     # 8320 at 1M). Shared memory must not grow with K (it once held all indices and overflowed at 512k).
     args = (jax.ShapeDtypeStruct((4, 1, 64, 512), jnp.bfloat16), jax.ShapeDtypeStruct((4, 9000, 512), jnp.bfloat16),
             jax.ShapeDtypeStruct((4, 1, K), jnp.int32), jax.ShapeDtypeStruct((64,), jnp.float32))
-    jax.jit(lambda *a: sparse_attention_kernel(*a, scale=0.04)).trace(*args).lower(lowering_platforms=("cuda",))
+    for splits in (1, 4):
+        jax.jit(lambda *a: sparse_attention_kernel(*a, scale=0.04, splits=splits)).trace(*args).lower(
+            lowering_platforms=("cuda",))

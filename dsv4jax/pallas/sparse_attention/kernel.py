@@ -47,6 +47,12 @@ STATIC_IDX = _os.environ.get("DSV4JAX_SA_STATIC", "0") == "1"
 CONV_W = int(_os.environ.get("DSV4JAX_SA_CW", "128"))  # column chunk width of the tiled buffer (64 or 128)
 STAGE_2D = _os.environ.get("DSV4JAX_SA_STAGE2D", "0") == "1"  # staging (bk, d) per slot, TMAs of <=256 columns
 HEADS_PER_CTA = 64  # wgmma M of one warpgroup
+# Split over K (decode): a few query tokens leave most SMs idle, so each CTA takes 1/splits of the blocks and
+# writes a partial output with its log-sum-exp, combined outside the kernel. Interpreter-tested only so far:
+# the default picks splits only once it has passed on a GPU (or with DSV4JAX_SA_SPLIT_K=1, for that check).
+SPLIT_K_VERIFIED_ON_GPU = False
+SPLIT_K = SPLIT_K_VERIFIED_ON_GPU or _os.environ.get("DSV4JAX_SA_SPLIT_K", "0") == "1"
+GPU_SMS = 132  # H100 / H200; one CTA fits per SM (~220 KB of shared memory)
 ROW_UNROLL = int(_os.environ.get("DSV4JAX_SA_ROW_UNROLL", "4"))  # row gathers unrolled per loop iteration
 
 
@@ -68,14 +74,25 @@ def unsupported_reason(q, kv, indices, sink) -> str | None:
     return None
 
 
-def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False):
+def default_splits(ctas: int, blocks: int) -> int:
+    """Splits over K for `ctas` CTAs of `blocks` blocks each: enough CTAs to fill the GPU once, ≥ 2 blocks each
+    (each CTA double-buffers its blocks)."""
+    if not SPLIT_K or ctas >= GPU_SMS:
+        return 1
+    return max(1, min(blocks // 2, -(-GPU_SMS // ctas)))
+
+
+def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False, splits=1):
     """debug=True adds three outputs, stored straight from registers (per token and compute warpgroup h):
     [T, 2, 5, M, bk] f32 for block 0: own partial scores, the other WG's, masked scaled scores, valid, P;
     [T, 2, 4, M] f32: m before / after block 0, l after block 0, final l; [T, 2, M, d/2] f32: final acc;
-    by TMA from SMEM: [T, 2, M, d/2] the Q halves, [T, d/CW, bk, CW] block 0's tiled chunks, its staging."""
+    by TMA from SMEM: [T, 2, M, d/2] the Q halves, [T, d/CW, bk, CW] block 0's tiled chunks, its staging.
+    splits > 1: CTA (token, group, split) runs blocks [split·nblk, (split+1)·nblk) and returns its normalised
+    partial output [splits, T, Hp, d] and base-2 log-sum-exp [splits, T, Hp] (the sink counted in split 0 only)."""
+    assert not (debug and splits > 1)
     G = Hp // HEADS_PER_CTA
     dh = d // 2
-    nblk = Kp // bk
+    nblk = Kp // bk // splits  # blocks per CTA
     NS = 2  # staging buffers (row gathers in flight)
     NT = 2  # tiled buffers (wgmma operands)
     CW = min(CONV_W, d // 2)  # conversion chunk width (columns)
@@ -108,13 +125,19 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False):
         return x if interpret is not None else plgpu.layout_cast(x, layout)
 
     def body(q_ref, kv_ref, idx_ref, sink_ref, out_ref, *rest):
-        dbg = None
+        dbg = lse_ref = None
+        if splits > 1:
+            lse_ref, rest = rest[0], rest[1:]
         if debug:
             dbg, rest = rest[:6], rest[6:]
         (q_smem, stage, tiled, exch, idx_ring, sink_smem,
          q_bar, idx_bar, stage_bar, ready_bar, free_bar, x_bar, xfree_bar) = rest
         tok = lax.axis_index("th") * TL + lax.axis_index("tl")
         grp = lax.axis_index("hg")
+        split = 0
+        if splits > 1:  # the grid's third axis is (head group, split)
+            grp, split = lax.div(grp, jnp.int32(splits)), lax.rem(grp, jnp.int32(splits))
+        first_block = split * nblk
         wg = lax.axis_index("wg")
         kv_b = 0 if Bk == 1 else jnp.minimum(lax.div(tok, jnp.int32(S)), Bk - 1)
 
@@ -140,7 +163,9 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False):
                     plgpu.copy_smem_to_gmem(q_smem.at[h], dbg[3].at[tok, h])
                 plgpu.wait_smem_to_gmem(0)
             m0 = load(sink_smem.at[h], plgpu.Layout.WGMMA.reduce(1))  # sink·log2e
-            l0 = cast(jnp.full((M,), 1.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+            # the sink's exp2(sink - m) term: l starts at 1 (once over the splits: in split 0)
+            l_start = 1.0 if splits == 1 else (1 - jnp.minimum(split, 1)).astype(jnp.float32)
+            l0 = cast(jnp.full((M,), 1.0, jnp.float32) * l_start, plgpu.Layout.WGMMA.reduce(1))
             acc0 = cast(jnp.zeros((M, dh), jnp.float32), plgpu.Layout.WGMMA)
 
             def step(j, slot, carry):
@@ -232,8 +257,22 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False):
             if debug:
                 dbg[1].at[tok, h, 3][...] = l_i
                 dbg[2].at[tok, h][...] = acc
+            if splits > 1:  # a split with no valid row and no sink has l = 0: weight 0 in the combination
+                seen = l_i > 0.0
+                l_i = jnp.where(seen, l_i, 1.0)
+
+                def store_lse():  # from one WG: both hold the same m and l
+                    lse_ref.at[split, tok, pl.ds(grp * M, M)][...] = jnp.where(
+                        seen, m_i + jnp.log(l_i) * (1.0 / math.log(2.0)), -jnp.inf)
+
+                if isinstance(h, int):
+                    if h == 0:
+                        store_lse()
+                else:
+                    pl.when(h == 0)(store_lse)
             acc = acc / lax.broadcast_in_dim(l_i, (M, dh), [0])
-            out_dst = out_ref.at[tok, pl.ds(grp * M, M), pl.ds(h * dh, dh)]
+            out_dst = (out_ref.at[tok, pl.ds(grp * M, M), pl.ds(h * dh, dh)] if splits == 1
+                       else out_ref.at[split, tok, pl.ds(grp * M, M), pl.ds(h * dh, dh)])
             if Q_CHUNKED:  # this WG's Q chunks are no longer needed: the output goes through them
                 for c in range(HCH):
                     q_smem.at[h, c][...] = acc[:, c * CW:(c + 1) * CW].astype(dtype)
@@ -259,8 +298,8 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False):
         def _memory():
             plgpu.set_max_registers(40, action="decrease")
             def load_indices(j):  # block j's indices into its ring slot
-                plgpu.copy_gmem_to_smem(idx_ref.at[tok, pl.ds(j * bk, bk)], idx_ring.at[lax.rem(j, NI)],
-                                        idx_bar.at[lax.rem(j, NI)])
+                plgpu.copy_gmem_to_smem(idx_ref.at[tok, pl.ds((first_block + j) * bk, bk)],
+                                        idx_ring.at[lax.rem(j, NI)], idx_bar.at[lax.rem(j, NI)])
 
             for i in range(min(NI, nblk)):
                 load_indices(i)
@@ -370,6 +409,8 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False):
     if interpret is not None:
         kwargs["interpret"] = interpret
     out_type = jax.ShapeDtypeStruct((T, Hp, d), dtype)
+    if splits > 1:
+        out_type = (jax.ShapeDtypeStruct((splits, T, Hp, d), dtype), jax.ShapeDtypeStruct((splits, T, Hp), jnp.float32))
     if debug:
         out_type = (out_type, jax.ShapeDtypeStruct((T, 2, 5, M, bk), jnp.float32),
                     jax.ShapeDtypeStruct((T, 2, 4, M), jnp.float32), jax.ShapeDtypeStruct((T, 2, M, dh), jnp.float32),
@@ -380,7 +421,7 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False):
         body,
         out_type=out_type,
         scratch_types=scratch,
-        grid=(T // TL, TL, G),
+        grid=(T // TL, TL, G * splits),
         grid_names=("th", "tl", "hg"),
         num_threads=3,
         thread_name="wg",
@@ -390,9 +431,11 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False):
     return call
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "bk", "interpret", "debug"))
-def sparse_attention_kernel(q, kv, indices, sink, scale: float, bk: int = 32, interpret=None, debug=False):
+@functools.partial(jax.jit, static_argnames=("scale", "bk", "interpret", "debug", "splits"))
+def sparse_attention_kernel(q, kv, indices, sink, scale: float, bk: int = 32, interpret=None, debug=False,
+                            splits: int | None = None):
     """Same contract as `sparse_attention_reference`; kv may have batch 1 (shared over B).
+    splits: CTAs per (token, head group) over K (None: `default_splits`).
     debug=True also returns the kernel's intermediate dumps (see `_build`; GPU debugging only)."""
     reason = unsupported_reason(q, kv, indices, sink)
     if reason:
@@ -401,8 +444,11 @@ def sparse_attention_kernel(q, kv, indices, sink, scale: float, bk: int = 32, in
     Bk, N, _ = kv.shape
     K = indices.shape[2]
     Hp = -(-H // HEADS_PER_CTA) * HEADS_PER_CTA
-    Kp = -(-K // bk) * bk
     T = B * S
+    if splits is None:
+        splits = 1 if debug else default_splits(T * (Hp // HEADS_PER_CTA), -(-K // bk))
+    splits = max(1, min(splits, -(-K // bk)))
+    Kp = -(-K // (bk * splits)) * bk * splits
     qf = q.reshape(T, H, d)
     sinkf = sink.astype(jnp.float32) * LOG2E
     if Hp != H:
@@ -416,11 +462,16 @@ def sparse_attention_kernel(q, kv, indices, sink, scale: float, bk: int = 32, in
     if Tp != T:  # pad the token axis for the grid; the padded queries read row 0 and are dropped
         qf = jnp.pad(qf, ((0, Tp - T), (0, 0), (0, 0)))
         idx = jnp.pad(idx, ((0, Tp - T), (0, 0)), constant_values=-1)
-    call = _build(Tp, S, Hp, d, N, Bk, Kp, q.dtype, float(scale), bk, interpret, debug=debug)
+    call = _build(Tp, S, Hp, d, N, Bk, Kp, q.dtype, float(scale), bk, interpret, debug=debug, splits=splits)
     rw = min(CONV_W, d // 2) if STAGE_CONTIG else d if STAGE_2D else min(d, 256)
     kvr = kv if STAGE_2D else kv.reshape(Bk, N, d // rw, rw)
     out = call(qf, kvr, idx, sinkf.reshape(Hp // HEADS_PER_CTA, HEADS_PER_CTA))
     if debug:
         out, *dumps = out
         return (out[:T, :H].reshape(B, S, H, d), *dumps)
+    if splits > 1:  # softmax-weighted sum of the splits' normalised outputs
+        parts, lse = out
+        weights = jnp.exp2(lse - lse.max(axis=0, keepdims=True))
+        weights = weights / weights.sum(axis=0, keepdims=True)
+        out = jnp.einsum("sth,sthd->thd", weights, parts.astype(jnp.float32)).astype(q.dtype)
     return out[:T, :H].reshape(B, S, H, d)
