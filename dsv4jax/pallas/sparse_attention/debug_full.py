@@ -1,4 +1,4 @@
-"""GPU debugging of the full kernel: intermediate dumps checked stage by stage, then layout variants.
+"""GPU debugging of the full kernel: intermediate dumps checked stage by stage, then the plain kernel.
 
 python3 -m dsv4jax.pallas.sparse_attention.debug_full   (LOWER_ONLY=1: lower everything for CUDA on a CPU host)
 Exit status 0 only when the default variant matches the reference on every shape.
@@ -7,7 +7,7 @@ Exit status 0 only when the default variant matches the reference on every shape
 2. the kernel built with debug=True at d=128 and d=512: each stage (own/other partial scores, mask, m, P, l,
    final acc, output path) is compared with numpy computed from the previous stage's dump, so the first
    wrong stage names the fault;
-3. the plain kernel for each variant in VARIANTS (module globals of kernel.py) on three shapes.
+3. the plain kernel on four shapes. (The layout variants once compared here are gone; NOTES.md has their story.)
 """
 import os
 import sys
@@ -28,31 +28,6 @@ M, bk = 64, 32
 BF = jnp.bfloat16
 LOG2E = np.log2(np.e)
 table = []
-VARIANTS = {  # name -> kernel.py globals
-    "default": {},
-    "static": {"STATIC_IDX": True},
-    "qchunk": {"Q_CHUNKED": True},
-    "outreg": {"OUT_VIA_SMEM": False},
-    "xopt0": {"EXCH_OPT": False},
-    "xp0": {"EXCH_PAD": 0, "EXCH_OPT": False},
-    "contig": {"STAGE_CONTIG": True},
-    "contig128": {"STAGE_CONTIG": True, "CONV_W": 128},
-    "stage2d": {"STAGE_2D": True},
-    "stage2d128": {"STAGE_2D": True, "CONV_W": 128},
-    "all": {"Q_CHUNKED": True, "EXCH_PAD": 0, "EXCH_OPT": False, "STATIC_IDX": True},
-}
-DEFAULTS = {k: getattr(KM, k) for v in VARIANTS.values() for k in v}
-ENV = {"Q_CHUNKED": ("DSV4JAX_SA_QCHUNK", {True: "1", False: "0"}), "OUT_VIA_SMEM": ("DSV4JAX_SA_OUTREG", {True: "0", False: "1"}),
-       "EXCH_OPT": ("DSV4JAX_SA_XOPT", {True: "1", False: "0"}), "EXCH_PAD": ("DSV4JAX_SA_XP", None),
-       "STATIC_IDX": ("DSV4JAX_SA_STATIC", {True: "1", False: "0"}),
-       "STAGE_CONTIG": ("DSV4JAX_SA_CONTIG", {True: "1", False: "0"}), "CONV_W": ("DSV4JAX_SA_CW", None),
-       "STAGE_2D": ("DSV4JAX_SA_STAGE2D", {True: "1", False: "0"})}
-
-
-def env_of(cfg):
-    """The environment that makes kernel.py pick this variant (for a following benchmark run)."""
-    return " ".join(f"{ENV[k][0]}={ENV[k][1][v] if ENV[k][1] else v}" for k, v in cfg.items())
-
 
 def rel(got, exp):
     got, exp = np.asarray(got, np.float32), np.asarray(exp, np.float32)
@@ -218,34 +193,10 @@ def debug_stages(d):
     row(f"debug d={d} output vs reference", rel(out, ref))
 
 
-def set_variant(cfg):
-    for k, v in DEFAULTS.items():
-        setattr(KM, k, cfg.get(k, v))
-    jax.clear_caches()
-
-
-def time_prefill(cfg, S=4096):
-    """Median ms of the kernel on the benchmark's prefill shape (H=64, d=512, K=640)."""
-    import time
-    sys.path.insert(0, os.getcwd())
-    from bench.kernels_sparse_attention import SCALE, prefill_inputs
-    set_variant(cfg)
-    q, kv, idx, sink = prefill_inputs(S, jax.random.key(0))
-    fn = jax.jit(lambda *a: KM.sparse_attention_kernel(*a, scale=SCALE))
-    jax.block_until_ready(fn(q, kv, idx, sink))
-    ts = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(q, kv, idx, sink))
-        ts.append(time.perf_counter() - t0)
-    return 1e3 * sorted(ts)[2]
-
-
-def full(variant, cfg):
-    set_variant(cfg)
+def full():
     ok = True
     for d, B, S, N, K in ((128, 1, 1, 300, 96), (128, 1, 4, 300, 96), (512, 1, 4, 300, 96), (512, 2, 1, 700, 640)):
-        name = f"full {variant} d={d} B={B} S={S} K={K}"
+        name = f"full d={d} B={B} S={S} K={K}"
         try:
             q, kv, idx, sink = inputs(d, B, S, N, K, d + K)
             fn = jax.jit(lambda *a: KM.sparse_attention_kernel(*a, scale=d ** -0.5))
@@ -274,26 +225,11 @@ def main():
                 guarded(f"unit qk chunked d={d} dyn={dyn}", lambda d=d, dyn=dyn: unit_qk_chunked(d, dyn))
         for d in (128, 512):
             guarded(f"debug d={d}", lambda d=d: debug_stages(d))
-    only = os.environ.get("VARIANTS")
-    results = {n: full(n, c) for n, c in VARIANTS.items() if not only or n in only.split(",")}
+    ok = full()
     print("\n==== table ====")
     for r in table:
         print(f"{r[0]:44s} {r[1]:>9s}  {r[2]}")
-    passing = [n for n, ok in results.items() if ok]
-    print("variants passing:", passing if not LOWER_ONLY else "n/a (lowered only)")
-    if os.environ.get("TIME_PASSING") == "1" and len(passing) > 1 and not LOWER_ONLY:
-        ms = {}
-        for n in passing:
-            try:
-                ms[n] = time_prefill(VARIANTS[n])
-                row(f"prefill S=4096 d=512 {n}", f"{ms[n]:.3f}", "ms")
-            except Exception as e:  # noqa: BLE001
-                row(f"prefill S=4096 d=512 {n}", "EXC", f"{type(e).__name__}: {str(e)[:160]}")
-        passing = sorted(ms, key=ms.get) or passing
-    if os.environ.get("PASSENV_FILE") and passing and not LOWER_ONLY:
-        with open(os.environ["PASSENV_FILE"], "w") as f:  # the first passing variant, for the benchmark
-            f.write(env_of(VARIANTS[passing[0]]) or "DSV4JAX_SA_CHUNKED=1")
-    sys.exit(0 if LOWER_ONLY or results.get("default") else 1)
+    sys.exit(0 if LOWER_ONLY or ok else 1)
 
 
 if __name__ == "__main__":

@@ -7,19 +7,21 @@ One CTA per (query token, group of 64 heads); three warpgroups:
   tiles are exchanged through shared memory and summed (identically in both warpgroups), then the online
   softmax (the sink is the initial running max, so masked / empty blocks never give NaN), and
   ``acc_h += P(bf16) · V[:, half h]`` by wgmma with P from registers.
-* WG2 (memory) gathers the rows: Hopper TMA has no gather, so each row is one 1-row TMA (``d`` elements) into an
-  untransformed staging buffer; the warpgroup then copies the staging block into the (8, 64)-tiled, 128B-swizzled
-  buffer that wgmma reads, and signals the compute warpgroups.  Staging and tiled buffers are double-buffered, so
-  the row gathers of block j+2 fly while block j is converted and blocks j/j-1 are multiplied.
+* WG2 (memory) gathers the rows: Hopper TMA has no gather, so each row is d/128 one-row TMAs (one per 128-column
+  chunk) into a chunk-major staging buffer; the warpgroup then copies each staged chunk into its own
+  (8, 32)-tiled, 64B-swizzled buffer that wgmma reads, and signals the compute warpgroups.  Staging and tiled
+  buffers are double-buffered, so the row gathers of block j+2 fly while block j is converted and blocks j/j-1
+  are multiplied.  The indices stream through a small ring, so shared memory does not grow with K.
 
 Invalid slots (index -1) load row 0 and are masked to -inf before the softmax.  The indices are padded to a
-multiple of ``bk`` with -1 by the wrapper; heads are padded to a multiple of 64.
+multiple of ``bk`` (times the splits over K) with -1 by the wrapper; heads are padded to a multiple of 64.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -28,32 +30,23 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
 LOG2E = math.log2(math.e)
-# Matches the reference on the H100 (jax 0.11.2) with the chunk-major staging below (debug_full.py); "auto"
+# Matches the reference on the H100 (jax 0.11.2; bench/kernels_sparse_attention.py checks it first); "auto"
 # dispatch uses the kernel on GPUs. See NOTES.md.
 VERIFIED_ON_GPU = True
-import os as _os
-OUT_VIA_SMEM = _os.environ.get("DSV4JAX_SA_OUTREG", "0") != "1"  # else store the output from registers
-TILED_CHUNKED = _os.environ.get("DSV4JAX_SA_CHUNKED", "1") == "1"  # tiled KV buffer as (d/CW, bk, CW) chunks
-# Staging as (d/CW, bk, CW), d/CW TMAs per row: on the H100 the register copy from a column slice of a row-major
-# staging buffer lands 16-byte units XOR-permuted by the chunk index (NOTES.md), whole chunk refs do not.
-STAGE_CONTIG = _os.environ.get("DSV4JAX_SA_CONTIG", "1") == "1"
-# GPU-debugging variants (read at trace time; see debug_full.py): Q/output SMEM as 64-column chunks, exchange
-# row padding and load plan.
-Q_CHUNKED = _os.environ.get("DSV4JAX_SA_QCHUNK", "0") == "1"
-EXCH_PAD = int(_os.environ.get("DSV4JAX_SA_XP", "8"))
-EXCH_OPT = _os.environ.get("DSV4JAX_SA_XOPT", "1") == "1"  # bank-conflict-avoiding plan for the exchange load
-# Static SMEM indices: one code path per compute warpgroup and the block loop unrolled by the buffer count.
-STATIC_IDX = _os.environ.get("DSV4JAX_SA_STATIC", "0") == "1"
-CONV_W = int(_os.environ.get("DSV4JAX_SA_CW", "128"))  # column chunk width of the tiled buffer (64 or 128)
-STAGE_2D = _os.environ.get("DSV4JAX_SA_STAGE2D", "0") == "1"  # staging (bk, d) per slot, TMAs of <=256 columns
 HEADS_PER_CTA = 64  # wgmma M of one warpgroup
+# Column chunk width of the staging and tiled KV buffers: every row is staged chunk-major, d/CHUNK_COLUMNS one-row
+# TMAs, and converted chunk by chunk. (On the H100 a register copy from a column slice of a row-major staging
+# buffer lands 16-byte units XOR-permuted by the chunk index; whole chunk refs do not. NOTES.md.)
+CHUNK_COLUMNS = 128
+EXCHANGE_PAD = 8  # fp32 columns padding each row of the partial-score exchange (no bank conflicts)
+# Row gathers unrolled per loop iteration (tuning; lowering time grows with it on jax 0.11, NOTES.md).
+ROW_UNROLL = int(os.environ.get("DSV4JAX_SA_ROW_UNROLL", "4"))
 # Split over K (decode): a few query tokens leave most SMs idle, so each CTA takes 1/splits of the blocks and
 # writes a partial output with its log-sum-exp, combined outside the kernel. Interpreter-tested only so far:
 # the default picks splits only once it has passed on a GPU (or with DSV4JAX_SA_SPLIT_K=1, for that check).
 SPLIT_K_VERIFIED_ON_GPU = False
-SPLIT_K = SPLIT_K_VERIFIED_ON_GPU or _os.environ.get("DSV4JAX_SA_SPLIT_K", "0") == "1"
+SPLIT_K = SPLIT_K_VERIFIED_ON_GPU or os.environ.get("DSV4JAX_SA_SPLIT_K", "0") == "1"
 GPU_SMS = 132  # H100 / H200; one CTA fits per SM (~220 KB of shared memory)
-ROW_UNROLL = int(_os.environ.get("DSV4JAX_SA_ROW_UNROLL", "4"))  # row gathers unrolled per loop iteration
 
 
 def unsupported_reason(q, kv, indices, sink) -> str | None:
@@ -95,14 +88,11 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False, spl
     nblk = Kp // bk // splits  # blocks per CTA
     NS = 2  # staging buffers (row gathers in flight)
     NT = 2  # tiled buffers (wgmma operands)
-    CW = min(CONV_W, d // 2)  # conversion chunk width (columns)
+    CW = min(CHUNK_COLUMNS, d // 2)  # chunk width (columns; a TMA box has at most 256 per dimension)
     M = HEADS_PER_CTA
-    XP = EXCH_PAD  # exchange row padding (bank conflicts)
     TL = T if T <= 32768 else 1024  # CUDA grid y/z dimensions stop at 65535: tokens as (T/TL, TL)
     assert T % TL == 0
-    RW = CW if STAGE_CONTIG else min(d, 256)  # a TMA box has at most 256 elements per dimension
-    PW = min(d, 256)  # STAGE_2D: columns per row TMA
-    NCH = d // CW  # column chunks of the tiled buffer
+    NCH = d // CW  # column chunks of a row
     HCH = NCH // 2  # chunks per half
     # Indices live in a ring of NI blocks, not all Kp in SMEM (HCA's K grows with the context: at 512k tokens
     # K = 4224 did not fit). Block j's slot is refilled with block j+NI once both compute WGs are done with j
@@ -141,26 +131,13 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False, spl
         wg = lax.axis_index("wg")
         kv_b = 0 if Bk == 1 else jnp.minimum(lax.div(tok, jnp.int32(S)), Bk - 1)
 
-        def q_chunk(h, c):  # A operand of QKᵀ: 64 columns of this WG's Q half
-            return q_smem.at[h, c] if Q_CHUNKED else q_smem.at[h, :, pl.ds(c * CW, CW)]
-
-        def compute(h):  # h: this warpgroup's half of d (a Python int under STATIC_IDX)
+        def compute(h):  # h: this warpgroup's half of d (traced)
             plgpu.set_max_registers(232, action="increase")
-            if Q_CHUNKED:
-                for c in range(HCH):
-                    plgpu.copy_gmem_to_smem(q_ref.at[tok, pl.ds(grp * M, M), pl.ds(h * dh + c * CW, CW)],
-                                            q_smem.at[h, c], q_bar.at[h])
-            else:
-                plgpu.copy_gmem_to_smem(q_ref.at[tok, pl.ds(grp * M, M), pl.ds(h * dh, dh)], q_smem.at[h],
-                                        q_bar.at[h])
+            plgpu.copy_gmem_to_smem(q_ref.at[tok, pl.ds(grp * M, M), pl.ds(h * dh, dh)], q_smem.at[h], q_bar.at[h])
             plgpu.copy_gmem_to_smem(sink_ref.at[grp], sink_smem.at[h], q_bar.at[h])
             plgpu.barrier_wait(q_bar.at[h])
             if debug:
-                if Q_CHUNKED:
-                    for c in range(HCH):
-                        plgpu.copy_smem_to_gmem(q_smem.at[h, c], dbg[3].at[tok, h, :, pl.ds(c * CW, CW)])
-                else:
-                    plgpu.copy_smem_to_gmem(q_smem.at[h], dbg[3].at[tok, h])
+                plgpu.copy_smem_to_gmem(q_smem.at[h], dbg[3].at[tok, h])
                 plgpu.wait_smem_to_gmem(0)
             m0 = load(sink_smem.at[h], plgpu.Layout.WGMMA.reduce(1))  # sink·log2e
             # the sink's exp2(sink - m) term: l starts at 1 (once over the splits: in split 0)
@@ -171,27 +148,18 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False, spl
             def step(j, slot, carry):
                 acc, m_i, l_i = carry
                 plgpu.barrier_wait(ready_bar.at[slot])
-                kv_half = None if TILED_CHUNKED else tiled.at[slot, :, pl.ds(h * dh, dh)]
 
-                def qk(acc_ref):
-                    if TILED_CHUNKED:
-                        for c in range(HCH):
-                            plgpu.wgmma(acc_ref, q_chunk(h, c), plgpu.transpose_ref(tiled.at[slot, h * HCH + c], (1, 0)))
-                    else:
-                        plgpu.wgmma(acc_ref, q_smem.at[h], plgpu.transpose_ref(kv_half, (1, 0)))
+                def qk(acc_ref):  # one wgmma per column chunk of this WG's half
+                    for c in range(HCH):
+                        plgpu.wgmma(acc_ref, q_smem.at[h, :, pl.ds(c * CW, CW)],
+                                    plgpu.transpose_ref(tiled.at[slot, h * HCH + c], (1, 0)))
                     return acc_ref[...]
 
                 if interpret is None:
                     s_own = pl.run_scoped(qk, plgpu.ACC((M, bk), jnp.float32))
                 else:  # the interpreter's wgmma ignores transposed operands: same product as a plain dot
-                    if TILED_CHUNKED:
-                        kv_half = tiled.at[slot, pl.ds(h * HCH, HCH)][...].transpose(1, 0, 2).reshape(bk, dh)
-                    else:
-                        kv_half = kv_half[...]
-                    q_half = q_smem.at[h][...]
-                    if Q_CHUNKED:
-                        q_half = q_half.transpose(1, 0, 2).reshape(M, dh)
-                    s_own = lax.dot_general(q_half, kv_half, (((1,), (1,)), ((), ())),
+                    kv_half = tiled.at[slot, pl.ds(h * HCH, HCH)][...].transpose(1, 0, 2).reshape(bk, dh)
+                    s_own = lax.dot_general(q_smem.at[h][...], kv_half, (((1,), (1,)), ((), ())),
                                             preferred_element_type=jnp.float32)
 
                 @pl.when(j > 0)
@@ -201,7 +169,7 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False, spl
                 exch.at[h, :, pl.ds(0, bk)][...] = s_own
                 plgpu.barrier_arrive(x_bar)
                 plgpu.barrier_wait(x_bar)
-                s_other = load(exch.at[1 - h, :, pl.ds(0, bk)], plgpu.Layout.WGMMA, optimized=EXCH_OPT)
+                s_other = load(exch.at[1 - h, :, pl.ds(0, bk)], plgpu.Layout.WGMMA, optimized=True)
                 plgpu.barrier_arrive(xfree_bar)
                 s = (s_own + s_other) * qk_scale  # fp32 + is commutative: both WGs get identical scores
                 plgpu.barrier_wait(idx_bar.at[lax.rem(j, NI)])
@@ -225,34 +193,18 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False, spl
                             dbg[1].at[tok, h, k][...] = v
 
                 if interpret is None:
-                    def pv(acc_ref):
-                        if TILED_CHUNKED:
-                            for c in range(HCH):
-                                plgpu.wgmma(acc_ref.at[:, pl.ds(c * CW, CW)], p16, tiled.at[slot, h * HCH + c])
-                        else:
-                            plgpu.wgmma(acc_ref, p16, kv_half)
+                    def pv(acc_ref):  # each column chunk of V into its slice of the accumulator
+                        for c in range(HCH):
+                            plgpu.wgmma(acc_ref.at[:, pl.ds(c * CW, CW)], p16, tiled.at[slot, h * HCH + c])
 
                     acc = pl.run_state(pv)(plgpu.ACC.init(acc))
                 else:  # the interpreter has no run_state and no wgmma with A in registers: a plain dot
-                    if TILED_CHUNKED:
-                        kv_half = tiled.at[slot, pl.ds(h * HCH, HCH)][...].transpose(1, 0, 2).reshape(bk, dh)
+                    kv_half = tiled.at[slot, pl.ds(h * HCH, HCH)][...].transpose(1, 0, 2).reshape(bk, dh)
                     acc = acc + jnp.dot(p16, kv_half, preferred_element_type=jnp.float32)
                 plgpu.barrier_arrive(free_bar.at[slot])
                 return acc, m_new, l_new
 
-            carry = (acc0, m0, l0)
-            if STATIC_IDX:
-                def pair(i, carry):
-                    for sl in range(NT):
-                        carry = step(i * NT + sl, sl, carry)
-                    return carry
-
-                carry = lax.fori_loop(0, nblk // NT, pair, carry)
-                for sl in range(nblk % NT):
-                    carry = step(nblk // NT * NT + sl, sl, carry)
-            else:
-                carry = lax.fori_loop(0, nblk, lambda j, c: step(j, lax.rem(j, NT), c), carry)
-            acc, m_i, l_i = carry
+            acc, m_i, l_i = lax.fori_loop(0, nblk, lambda j, c: step(j, lax.rem(j, NT), c), (acc0, m0, l0))
             plgpu.barrier_wait(xfree_bar)  # observe the last exchange phase (barriers end fully observed)
             if debug:
                 dbg[1].at[tok, h, 3][...] = l_i
@@ -265,34 +217,16 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False, spl
                     lse_ref.at[split, tok, pl.ds(grp * M, M)][...] = jnp.where(
                         seen, m_i + jnp.log(l_i) * (1.0 / math.log(2.0)), -jnp.inf)
 
-                if isinstance(h, int):
-                    if h == 0:
-                        store_lse()
-                else:
-                    pl.when(h == 0)(store_lse)
+                pl.when(h == 0)(store_lse)
             acc = acc / lax.broadcast_in_dim(l_i, (M, dh), [0])
             out_dst = (out_ref.at[tok, pl.ds(grp * M, M), pl.ds(h * dh, dh)] if splits == 1
                        else out_ref.at[split, tok, pl.ds(grp * M, M), pl.ds(h * dh, dh)])
-            if Q_CHUNKED:  # this WG's Q chunks are no longer needed: the output goes through them
-                for c in range(HCH):
-                    q_smem.at[h, c][...] = acc[:, c * CW:(c + 1) * CW].astype(dtype)
-                plgpu.commit_smem()
-                for c in range(HCH):
-                    plgpu.copy_smem_to_gmem(q_smem.at[h, c], out_dst.at[:, pl.ds(c * CW, CW)])
-                plgpu.wait_smem_to_gmem(0)
-            elif OUT_VIA_SMEM or interpret is not None:
-                q_smem.at[h][...] = acc.astype(dtype)  # this WG's Q half is no longer needed
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(q_smem.at[h], out_dst)
-                plgpu.wait_smem_to_gmem(0)
-            else:
-                out_dst[...] = acc.astype(dtype)
+            q_smem.at[h][...] = acc.astype(dtype)  # this WG's Q half is no longer needed: the output goes via it
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_smem.at[h], out_dst)
+            plgpu.wait_smem_to_gmem(0)
 
-        if STATIC_IDX:
-            for hh in range(2):
-                pl.when(wg == hh)(functools.partial(compute, hh))
-        else:
-            pl.when(wg < 2)(lambda: compute(wg))
+        pl.when(wg < 2)(lambda: compute(wg))
 
         @pl.when(wg == 2)
         def _memory():
@@ -309,16 +243,8 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False, spl
 
                 def row_copy(r, carry):
                     row = jnp.maximum(idx_ring[lax.rem(j, NI), r], 0)
-                    if STAGE_CONTIG:  # d/CW TMAs per row, into chunk-major staging
-                        for k in range(d // RW):
-                            plgpu.copy_gmem_to_smem(kv_ref.at[kv_b, pl.ds(row, 1), k], stage.at[slot, k, pl.ds(r, 1)],
-                                                    stage_bar.at[slot])
-                    elif STAGE_2D:
-                        for k in range(d // PW):
-                            plgpu.copy_gmem_to_smem(kv_ref.at[kv_b, pl.ds(row, 1), pl.ds(k * PW, PW)],
-                                                    stage.at[slot, pl.ds(r, 1), pl.ds(k * PW, PW)], stage_bar.at[slot])
-                    else:
-                        plgpu.copy_gmem_to_smem(kv_ref.at[kv_b, pl.ds(row, 1)], stage.at[slot, pl.ds(r, 1)],  # one TMA
+                    for k in range(NCH):  # d/CW one-row TMAs, into chunk-major staging
+                        plgpu.copy_gmem_to_smem(kv_ref.at[kv_b, pl.ds(row, 1), k], stage.at[slot, k, pl.ds(r, 1)],
                                                 stage_bar.at[slot])
                     return carry
 
@@ -345,18 +271,8 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False, spl
                     def _():
                         load_indices(j - NT + NI)
 
-                for c in range(d // CW):
-                    if STAGE_CONTIG:
-                        src = stage.at[s_slot, c]
-                    elif STAGE_2D:
-                        src = stage.at[s_slot, :, pl.ds(c * CW, CW)]
-                    else:
-                        src = stage.at[s_slot, :, (c * CW) // RW, pl.ds((c * CW) % RW, CW)]
-                    vals = load(src, copy_layout, optimized=False)
-                    if TILED_CHUNKED:
-                        tiled.at[t_slot, c][...] = vals
-                    else:
-                        tiled.at[t_slot, :, pl.ds(c * CW, CW)][...] = vals
+                for c in range(NCH):
+                    tiled.at[t_slot, c][...] = load(stage.at[s_slot, c], copy_layout, optimized=False)
                 plgpu.commit_smem()
                 if debug:
                     @pl.when(j == 0)
@@ -371,35 +287,24 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False, spl
                     gather(j + NS, s_slot)
 
             assert NS == NT
-            if STATIC_IDX:
-                @pl.loop(0, nblk // NT)
-                def _(i):
-                    for sl in range(NT):
-                        convert(i * NT + sl, sl, sl)
 
-                for sl in range(nblk % NT):
-                    convert(nblk // NT * NT + sl, sl, sl)
-            else:
-                @pl.loop(0, nblk)
-                def _(j):
-                    convert(j, lax.rem(j, NS), lax.rem(j, NT))
+            @pl.loop(0, nblk)
+            def _(j):
+                convert(j, lax.rem(j, NS), lax.rem(j, NT))
 
             for j in range(max(nblk - NT, 0), nblk):  # observe the last blocks' releases
                 plgpu.barrier_wait(free_bar.at[j % NT])
 
-    HCH_ = d // 2 // CW
     scratch = [
-        plgpu.SMEM((2, HCH_, M, CW) if Q_CHUNKED else (2, M, dh), dtype, transforms=tiled_t),  # Q halves, then out
-        plgpu.SMEM((NS, d // RW, bk, RW) if STAGE_CONTIG else (NS, bk, d) if STAGE_2D else (NS, bk, d // RW, RW),
-                   dtype),  # staging (row gathers)
-        plgpu.SMEM((NT, NCH, bk, CW) if TILED_CHUNKED else (NT, bk, d), dtype, transforms=tiled_t),  # wgmma operand
-        plgpu.SMEM((2, M, bk + XP), jnp.float32),  # partial-score exchange (rows padded: no bank conflicts)
+        plgpu.SMEM((2, M, dh), dtype, transforms=tiled_t),  # Q halves, then the output
+        plgpu.SMEM((NS, NCH, bk, CW), dtype),  # staging (row gathers), chunk-major
+        plgpu.SMEM((NT, NCH, bk, CW), dtype, transforms=tiled_t),  # wgmma operand, one tiled ref per chunk
+        plgpu.SMEM((2, M, bk + EXCHANGE_PAD), jnp.float32),  # partial-score exchange
         plgpu.SMEM((NI, bk), jnp.int32),  # index ring
         plgpu.SMEM((2, M), jnp.float32),
-        plgpu.Barrier(num_arrivals=1 + (HCH_ if Q_CHUNKED else 1), num_barriers=2),  # q_bar: Q + sink
+        plgpu.Barrier(num_arrivals=2, num_barriers=2),  # q_bar: Q + sink
         plgpu.Barrier(num_barriers=NI),  # idx_bar: one per ring slot
-        plgpu.Barrier(num_arrivals=bk * (d // RW if STAGE_CONTIG else d // PW if STAGE_2D else 1),
-                      num_barriers=NS),  # stage_bar: row copies
+        plgpu.Barrier(num_arrivals=bk * NCH, num_barriers=NS),  # stage_bar: row copies
         plgpu.Barrier(num_barriers=NT),  # ready_bar
         plgpu.Barrier(num_arrivals=2, num_barriers=NT),  # free_bar
         plgpu.Barrier(num_arrivals=2),  # x_bar
@@ -415,8 +320,7 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False, spl
         out_type = (out_type, jax.ShapeDtypeStruct((T, 2, 5, M, bk), jnp.float32),
                     jax.ShapeDtypeStruct((T, 2, 4, M), jnp.float32), jax.ShapeDtypeStruct((T, 2, M, dh), jnp.float32),
                     jax.ShapeDtypeStruct((T, 2, M, dh), dtype), jax.ShapeDtypeStruct((T, NCH, bk, CW), dtype),
-                    jax.ShapeDtypeStruct((T, d // RW, bk, RW) if STAGE_CONTIG else (T, bk, d) if STAGE_2D
-                                         else (T, bk, d // RW, RW), dtype))
+                    jax.ShapeDtypeStruct((T, NCH, bk, CW), dtype))
     call = plgpu.kernel(
         body,
         out_type=out_type,
@@ -463,8 +367,8 @@ def sparse_attention_kernel(q, kv, indices, sink, scale: float, bk: int = 32, in
         qf = jnp.pad(qf, ((0, Tp - T), (0, 0), (0, 0)))
         idx = jnp.pad(idx, ((0, Tp - T), (0, 0)), constant_values=-1)
     call = _build(Tp, S, Hp, d, N, Bk, Kp, q.dtype, float(scale), bk, interpret, debug=debug, splits=splits)
-    rw = min(CONV_W, d // 2) if STAGE_CONTIG else d if STAGE_2D else min(d, 256)
-    kvr = kv if STAGE_2D else kv.reshape(Bk, N, d // rw, rw)
+    chunk = min(CHUNK_COLUMNS, d // 2)
+    kvr = kv.reshape(Bk, N, d // chunk, chunk)  # rows as column chunks: one TMA per chunk
     out = call(qf, kvr, idx, sinkf.reshape(Hp // HEADS_PER_CTA, HEADS_PER_CTA))
     if debug:
         out, *dumps = out
