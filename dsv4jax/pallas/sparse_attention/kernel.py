@@ -67,9 +67,10 @@ def unsupported_reason(q, kv, indices, sink) -> str | None:
     return None
 
 
-def default_splits(ctas: int, blocks: int) -> int:
-    """Splits over K for `ctas` CTAs of `blocks` blocks each: enough CTAs to fill the GPU once, ≥ 2 blocks each
-    (each CTA double-buffers its blocks)."""
+def default_splits(tokens: int, heads: int, k: int, bk: int = 32) -> int:
+    """Splits over K for `tokens` query tokens of `heads` heads over `k` rows: enough CTAs to fill the GPU once,
+    ≥ 2 blocks each (each CTA double-buffers its blocks)."""
+    ctas, blocks = tokens * -(-heads // HEADS_PER_CTA), -(-k // bk)
     if not SPLIT_K or ctas >= GPU_SMS:
         return 1
     return max(1, min(blocks // 2, -(-GPU_SMS // ctas)))
@@ -148,6 +149,8 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False, spl
             def step(j, slot, carry):
                 acc, m_i, l_i = carry
                 plgpu.barrier_wait(ready_bar.at[slot])
+                if interpret is not None:  # both products become plain dots over this half's rows, as (bk, dh)
+                    kv_half = tiled.at[slot, pl.ds(h * HCH, HCH)][...].transpose(1, 0, 2).reshape(bk, dh)
 
                 def qk(acc_ref):  # one wgmma per column chunk of this WG's half
                     for c in range(HCH):
@@ -158,7 +161,6 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False, spl
                 if interpret is None:
                     s_own = pl.run_scoped(qk, plgpu.ACC((M, bk), jnp.float32))
                 else:  # the interpreter's wgmma ignores transposed operands: same product as a plain dot
-                    kv_half = tiled.at[slot, pl.ds(h * HCH, HCH)][...].transpose(1, 0, 2).reshape(bk, dh)
                     s_own = lax.dot_general(q_smem.at[h][...], kv_half, (((1,), (1,)), ((), ())),
                                             preferred_element_type=jnp.float32)
 
@@ -199,7 +201,6 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False, spl
 
                     acc = pl.run_state(pv)(plgpu.ACC.init(acc))
                 else:  # the interpreter has no run_state and no wgmma with A in registers: a plain dot
-                    kv_half = tiled.at[slot, pl.ds(h * HCH, HCH)][...].transpose(1, 0, 2).reshape(bk, dh)
                     acc = acc + jnp.dot(p16, kv_half, preferred_element_type=jnp.float32)
                 plgpu.barrier_arrive(free_bar.at[slot])
                 return acc, m_new, l_new
@@ -215,7 +216,7 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False, spl
 
                 def store_lse():  # from one WG: both hold the same m and l
                     lse_ref.at[split, tok, pl.ds(grp * M, M)][...] = jnp.where(
-                        seen, m_i + jnp.log(l_i) * (1.0 / math.log(2.0)), -jnp.inf)
+                        seen, m_i + jnp.log(l_i) * LOG2E, -jnp.inf)
 
                 pl.when(h == 0)(store_lse)
             acc = acc / lax.broadcast_in_dim(l_i, (M, dh), [0])
@@ -350,7 +351,7 @@ def sparse_attention_kernel(q, kv, indices, sink, scale: float, bk: int = 32, in
     Hp = -(-H // HEADS_PER_CTA) * HEADS_PER_CTA
     T = B * S
     if splits is None:
-        splits = 1 if debug else default_splits(T * (Hp // HEADS_PER_CTA), -(-K // bk))
+        splits = 1 if debug else default_splits(T, H, K, bk)
     splits = max(1, min(splits, -(-K // bk)))
     Kp = -(-K // (bk * splits)) * bk * splits
     qf = q.reshape(T, H, d)
