@@ -84,3 +84,16 @@ def write_results(name: str, config: dict, records: list[dict], extra: dict | No
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+def random_model(config, name: str):
+    """A dsv4jax Model of `config` (a ModelConfig) with random weights drawn on the device, in one jitted program
+    (the host-side init that `dsv4jax.load` uses for a bare config is slow at V4-Flash widths)."""
+    from flax import nnx
+
+    from dsv4jax.api import Model
+    from dsv4jax.model import DeepseekV4
+
+    model = Model(nnx.jit(lambda: DeepseekV4(config, nnx.Rngs(0)))(), name=name)
+    jax.block_until_ready(model.params)
+    return model

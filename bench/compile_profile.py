@@ -35,11 +35,8 @@ def child(variant: str, buckets: list[str], out: str, config_path: str) -> None:
     import jax.monitoring
     import jax.numpy as jnp
     import numpy as np
-    from flax import nnx
-
-    from dsv4jax.api import Model
+    from bench.common import random_model
     from dsv4jax.config import load_config
-    from dsv4jax.model import DeepseekV4
     from dsv4jax.serve.engine import Engine, EngineConfig
 
     events: dict[str, float] = {}
@@ -57,9 +54,7 @@ def child(variant: str, buckets: list[str], out: str, config_path: str) -> None:
 
     config = load_config(config_path, dtype="bfloat16")
     start = time.perf_counter()
-    module = nnx.jit(lambda: DeepseekV4(config, nnx.Rngs(0)))()
-    model = Model(module, name="flash-slice")
-    jax.block_until_ready(model.params)
+    model = random_model(config, "flash-slice")
     emit({"stage": "build_model", "seconds": time.perf_counter() - start})
     engines = {}
     for bucket in buckets:

@@ -21,15 +21,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 
-from bench.common import device_slug, write_results  # noqa: E402
+from bench.common import device_slug, random_model, write_results  # noqa: E402
 from dsv4jax import compilation_cache  # noqa: E402
-from dsv4jax.api import Model  # noqa: E402
 from dsv4jax.config import load_config  # noqa: E402
-from dsv4jax.model import DeepseekV4  # noqa: E402
 from dsv4jax.serve.engine import Engine, EngineConfig  # noqa: E402
 from dsv4jax.serve.sampling import SamplingParams  # noqa: E402
 
@@ -65,6 +61,15 @@ def run_batch(engine: Engine, batch: int, prompt: int, tokens: int, rng) -> dict
             "mean_acceptance_length": (accepted + rounds) / rounds if rounds else None}
 
 
+def engine_config(batches, speculative_steps: int, prompt: int = 512, tokens: int = 64) -> EngineConfig:
+    """The benchmark's engine: decode buckets `batches`, prefill of up to 8 prompts of `prompt` tokens at once."""
+    rows = min(8, max(batches))
+    return EngineConfig(max_running_requests=max(batches), max_model_len=prompt + tokens + 64, page_tokens=256,
+                        prefill_chunk=prompt, prefill_buckets=(prompt,), max_prefill_rows=rows,
+                        prefill_row_buckets=(rows,), decode_buckets=tuple(batches),
+                        speculative_steps=speculative_steps, prompt_logprobs=False)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default=CONFIG)
@@ -78,20 +83,13 @@ def main() -> None:
     args = parser.parse_args()
     compilation_cache.enable(args.compilation_cache)
 
-    config = load_config(args.config, dtype="bfloat16")
     start = time.perf_counter()
-    module = nnx.jit(lambda: DeepseekV4(config, nnx.Rngs(0)))()  # drawn on the device
-    model = Model(module, name=os.path.basename(args.config))
-    jax.block_until_ready(model.params)
+    model = random_model(load_config(args.config, dtype="bfloat16"), os.path.basename(args.config))
     print(f"model built in {time.perf_counter() - start:.1f} s", flush=True)
     records, rng = [], np.random.default_rng(0)
     name = args.name or f"engine-{device_slug()}"
-    engines = {steps: Engine(model, EngineConfig(
-        max_running_requests=max(args.batches), max_model_len=args.prompt + args.tokens + 64, page_tokens=256,
-        prefill_chunk=args.prompt, prefill_buckets=(args.prompt,), max_prefill_rows=min(8, max(args.batches)),
-        prefill_row_buckets=(min(8, max(args.batches)),),
-        decode_buckets=tuple(args.batches), speculative_steps=steps, prompt_logprobs=False))
-        for steps in args.speculative}
+    engines = {steps: Engine(model, engine_config(args.batches, steps, args.prompt, args.tokens))
+               for steps in args.speculative}
     # Every engine's buckets compile at once (one warm-up thread per engine, its compiles in threads of their own):
     # compile time is CPU-bound and the host has the cores.
     start = time.perf_counter()

@@ -16,15 +16,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 
-from bench.common import device_slug, write_results  # noqa: E402
-from dsv4jax.api import Model  # noqa: E402
+from bench.common import device_slug, random_model, write_results  # noqa: E402
 from dsv4jax.config import load_config  # noqa: E402
 from dsv4jax.eval.loglik import loglikelihood  # noqa: E402
-from dsv4jax.model import DeepseekV4  # noqa: E402
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                       "deepseek-v4-flash-slice.json")
@@ -38,8 +34,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=32)
     args = parser.parse_args()
     config = load_config(args.config, dtype="bfloat16")
-    model = Model(nnx.jit(lambda: DeepseekV4(config, nnx.Rngs(0)))(), name=os.path.basename(args.config))
-    jax.block_until_ready(model.params)
+    model = random_model(config, os.path.basename(args.config))
     rng = np.random.default_rng(0)
     records = []
     for length in args.lengths:

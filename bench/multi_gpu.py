@@ -97,17 +97,16 @@ def main() -> None:
     start = time.perf_counter()
     records += expert_parallel(args.moe_config, args.moe_tokens, args.repeats)
     save()
-    for mode in args.modes:
+    def sizes(cps, mode):
         # The smallest cp is the reference: it runs once (under the first mode) unless it is the only size;
         # every later run is checked against the first for its length.
-        cps = [c for c in args.cp if c > min(args.cp) or mode == args.modes[0] or len(args.cp) == 1]
-        records += run_context_parallel(config, cps, args.lengths, mode, args.chunk, args.repeats, "auto", reference)
-        save()
-    long_cps = [c for c in args.cp if c > 1]
-    for mode in args.modes:
-        cps = [c for c in long_cps if c > min(long_cps) or mode == args.modes[0] or len(long_cps) == 1]
-        records += run_context_parallel(config, cps, args.long, mode, args.chunk, args.repeats, "auto", reference)
-        save()
+        return [c for c in cps if c > min(cps) or mode == args.modes[0] or len(cps) == 1]
+
+    for lengths, cps in ((args.lengths, args.cp), (args.long, [c for c in args.cp if c > 1])):
+        for mode in args.modes:
+            records += run_context_parallel(config, sizes(cps, mode), lengths, mode, args.chunk, args.repeats, "auto",
+                                            reference)
+            save()
     print(f"total {time.perf_counter() - start:.0f} s")
 
 
