@@ -47,6 +47,13 @@ ROW_UNROLL = int(os.environ.get("DSV4JAX_SA_ROW_UNROLL", "4"))
 SPLIT_K_VERIFIED_ON_GPU = False
 SPLIT_K = SPLIT_K_VERIFIED_ON_GPU or os.environ.get("DSV4JAX_SA_SPLIT_K", "0") == "1"
 GPU_SMS = 132  # H100 / H200; one CTA fits per SM (~220 KB of shared memory)
+# Row-gather issue cost (GPU trial switches, NOTES.md). A Pallas TMA issued by a warpgroup makes all 128 threads
+# arrive on the barrier and, with automatic barriers, syncs the warpgroup first: ~80 cycles per 256-byte row chunk.
+# WARP_ISSUE spreads a block's rows over the memory warpgroup's 4 warps (each warp issues its own TMAs);
+# NO_AUTO_BARRIERS drops Pallas's automatic warpgroup syncs (the kernel orders its SMEM accesses itself: every
+# staging read precedes a commit_smem, whose warpgroup barrier precedes the TMA that overwrites it).
+WARP_ISSUE = os.environ.get("DSV4JAX_SA_WARP_ISSUE", "0") == "1"
+NO_AUTO_BARRIERS = os.environ.get("DSV4JAX_SA_NO_AUTO_BARRIERS", "0") == "1"
 
 
 def unsupported_reason(q, kv, indices, sink) -> str | None:
@@ -242,16 +249,22 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False, spl
             def gather(j, slot):
                 plgpu.barrier_wait(idx_bar.at[lax.rem(j, NI)])
 
-                def row_copy(r, carry):
+                def copy_row(r):
                     row = jnp.maximum(idx_ring[lax.rem(j, NI), r], 0)
                     for k in range(NCH):  # d/CW one-row TMAs, into chunk-major staging
                         plgpu.copy_gmem_to_smem(kv_ref.at[kv_b, pl.ds(row, 1), k], stage.at[slot, k, pl.ds(r, 1)],
                                                 stage_bar.at[slot])
-                    return carry
 
                 # A loop, not bk unrolled copies: jax 0.11's Mosaic GPU layout inference grows faster than linearly
                 # with the kernel's op count (fully unrolled, lowering one attention shape took ~15 s; NOTES.md).
-                lax.fori_loop(0, bk, row_copy, None, unroll=min(ROW_UNROLL, bk))
+                if WARP_ISSUE and interpret is None:
+                    def warp_rows(warp):  # rows warp, warp + 4, ...: four TMA issuers instead of one
+                        lax.fori_loop(0, bk // 4, lambda i, c: copy_row(i * 4 + warp), None,
+                                      unroll=min(ROW_UNROLL, bk // 4))
+
+                    plgpu.warp_map(warp_rows)
+                else:
+                    lax.fori_loop(0, bk, lambda r, c: copy_row(r), None, unroll=min(ROW_UNROLL, bk))
 
             for i in range(min(NS, nblk)):
                 gather(i, i)
@@ -330,7 +343,7 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False, spl
         grid_names=("th", "tl", "hg"),
         num_threads=3,
         thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
+        compiler_params=plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=NO_AUTO_BARRIERS),
         **kwargs,
     )
     return call
