@@ -5,7 +5,7 @@ compressed rows]; query t attends rows 128+t-j (j<128) and 512 distinct random c
 Decode: B sequences of one query token, K = 128 window + 512 compressed indices into kv of 128+1+ctx/4 rows.
 Useful FLOPs: valid (query, key) pairs × H × d × 2 (QK) × 2 (PV). Decode bytes: valid KV rows + Q read.
 Each kernel output is checked against the reference first (output buffer poisoned by a preceding NaN run).
-DSV4JAX_SA_SPLIT_K=1 turns on the split over K for small decode batches (not yet verified on a GPU).
+Small decode batches split over K by default (DSV4JAX_SA_SPLIT_K=0: one CTA per token and head group).
 """
 
 from __future__ import annotations

@@ -37,23 +37,24 @@ HEADS_PER_CTA = 64  # wgmma M of one warpgroup
 # Column chunk width of the staging and tiled KV buffers: every row is staged chunk-major, d/CHUNK_COLUMNS one-row
 # TMAs, and converted chunk by chunk. (On the H100 a register copy from a column slice of a row-major staging
 # buffer lands 16-byte units XOR-permuted by the chunk index; whole chunk refs do not. NOTES.md.)
-CHUNK_COLUMNS = 128
+# 256 (a TMA box's widest) halves the TMAs per row; trial switch DSV4JAX_SA_CHUNK_COLUMNS.
+CHUNK_COLUMNS = int(os.environ.get("DSV4JAX_SA_CHUNK_COLUMNS", "128"))
 EXCHANGE_PAD = 8  # fp32 columns padding each row of the partial-score exchange (no bank conflicts)
 # Row gathers unrolled per loop iteration (tuning; lowering time grows with it on jax 0.11, NOTES.md).
 ROW_UNROLL = int(os.environ.get("DSV4JAX_SA_ROW_UNROLL", "4"))
 # Split over K (decode): a few query tokens leave most SMs idle, so each CTA takes 1/splits of the blocks and
-# writes a partial output with its log-sum-exp, combined outside the kernel. Interpreter-tested only so far:
-# the default picks splits only once it has passed on a GPU (or with DSV4JAX_SA_SPLIT_K=1, for that check).
-SPLIT_K_VERIFIED_ON_GPU = False
-SPLIT_K = SPLIT_K_VERIFIED_ON_GPU or os.environ.get("DSV4JAX_SA_SPLIT_K", "0") == "1"
+# writes a partial output with its log-sum-exp, combined outside the kernel. Verified on the H100 (jax 0.11.2,
+# kernels-sparse_attention-h100-80gb-hbm3-splitk.json: edge cases and decode B=1..128, rel-L2 ≤ 3.0e-3);
+# DSV4JAX_SA_SPLIT_K=0 turns it off.
+SPLIT_K = os.environ.get("DSV4JAX_SA_SPLIT_K", "1") == "1"
 GPU_SMS = 132  # H100 / H200; one CTA fits per SM (~220 KB of shared memory)
 # Row-gather issue cost (GPU trial switches, NOTES.md). A Pallas TMA issued by a warpgroup makes all 128 threads
 # arrive on the barrier and, with automatic barriers, syncs the warpgroup first: ~80 cycles per 256-byte row chunk.
-# WARP_ISSUE spreads a block's rows over the memory warpgroup's 4 warps (each warp issues its own TMAs);
-# NO_AUTO_BARRIERS drops Pallas's automatic warpgroup syncs (the kernel orders its SMEM accesses itself: every
+# WARP_ISSUE spreads a block's rows over the memory warpgroup's 4 warps (each warp issues its own TMAs; the row
+# indices are read before, as warp-level code may not load from memory on jax 0.11); NO_AUTO_BARRIERS drops Pallas's automatic warpgroup syncs (the kernel orders its SMEM accesses itself: every
 # staging read precedes a commit_smem, whose warpgroup barrier precedes the TMA that overwrites it).
 WARP_ISSUE = os.environ.get("DSV4JAX_SA_WARP_ISSUE", "0") == "1"
-NO_AUTO_BARRIERS = os.environ.get("DSV4JAX_SA_NO_AUTO_BARRIERS", "0") == "1"
+NO_AUTO_BARRIERS = os.environ.get("DSV4JAX_SA_NO_AUTO_BARRIERS", "1") == "1"
 
 
 def unsupported_reason(q, kv, indices, sink) -> str | None:
@@ -112,7 +113,8 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False, spl
     # of the swizzle width, so the KV tiles use a 64B swizzle for bk = 32 (128B for bk = 64).
     swz = min(128, bk * itemsize)
     tiled_t = (plgpu.TilingTransform((8, swz // itemsize)), plgpu.SwizzleTransform(swz))
-    copy_layout = plgpu.Layout.SMEM_GMEM_COPY((bk, CW), jnp.dtype(dtype), swz)
+    convert_rows = min(bk, 4096 // CW)  # rows per register copy: ≤ 32 values per thread (the memory WG has 40 registers)
+    copy_layout = plgpu.Layout.SMEM_GMEM_COPY((convert_rows, CW), jnp.dtype(dtype), swz)
 
     def load(ref, layout, **kw):
         if interpret is not None:  # the Mosaic GPU interpreter has no rule for plgpu.load on SMEM
@@ -258,9 +260,16 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False, spl
                 # A loop, not bk unrolled copies: jax 0.11's Mosaic GPU layout inference grows faster than linearly
                 # with the kernel's op count (fully unrolled, lowering one attention shape took ~15 s; NOTES.md).
                 if WARP_ISSUE and interpret is None:
+                    rows = [jnp.maximum(idx_ring[lax.rem(j, NI), r], 0) for r in range(bk)]
+
                     def warp_rows(warp):  # rows warp, warp + 4, ...: four TMA issuers instead of one
-                        lax.fori_loop(0, bk // 4, lambda i, c: copy_row(i * 4 + warp), None,
-                                      unroll=min(ROW_UNROLL, bk // 4))
+                        for i in range(bk // 4):
+                            row = rows[4 * i + 3]
+                            for w in range(3):
+                                row = jnp.where(warp == w, rows[4 * i + w], row)
+                            for k in range(NCH):
+                                plgpu.copy_gmem_to_smem(kv_ref.at[kv_b, pl.ds(row, 1), k],
+                                                        stage.at[slot, k, pl.ds(4 * i + warp, 1)], stage_bar.at[slot])
 
                     plgpu.warp_map(warp_rows)
                 else:
@@ -286,7 +295,11 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False, spl
                         load_indices(j - NT + NI)
 
                 for c in range(NCH):
-                    tiled.at[t_slot, c][...] = load(stage.at[s_slot, c], copy_layout, optimized=False)
+                    for r0 in range(0, bk, convert_rows):
+                        dst, src = tiled.at[t_slot, c], stage.at[s_slot, c]
+                        if convert_rows < bk:
+                            dst, src = dst.at[pl.ds(r0, convert_rows)], src.at[pl.ds(r0, convert_rows)]
+                        dst[...] = load(src, copy_layout, optimized=False)
                 plgpu.commit_smem()
                 if debug:
                     @pl.when(j == 0)
