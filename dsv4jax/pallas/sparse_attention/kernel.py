@@ -7,8 +7,8 @@ One CTA per (query token, group of 64 heads); three warpgroups:
   tiles are exchanged through shared memory and summed (identically in both warpgroups), then the online
   softmax (the sink is the initial running max, so masked / empty blocks never give NaN), and
   ``acc_h += P(bf16) · V[:, half h]`` by wgmma with P from registers.
-* WG2 (memory) gathers the rows: Hopper TMA has no gather, so each row is d/128 one-row TMAs (one per 128-column
-  chunk) into a chunk-major staging buffer; the warpgroup then copies each staged chunk into its own
+* WG2 (memory) gathers the rows: Hopper TMA has no gather, so each row is d/256 one-row TMAs (one per 256-column
+  chunk) into a chunk-major staging buffer, issued by its four warps in parallel; the warpgroup then copies each staged chunk into its own
   (8, 32)-tiled, 64B-swizzled buffer that wgmma reads, and signals the compute warpgroups.  Staging and tiled
   buffers are double-buffered, so the row gathers of block j+2 fly while block j is converted and blocks j/j-1
   are multiplied.  The indices stream through a small ring, so shared memory does not grow with K.
@@ -37,8 +37,9 @@ HEADS_PER_CTA = 64  # wgmma M of one warpgroup
 # Column chunk width of the staging and tiled KV buffers: every row is staged chunk-major, d/CHUNK_COLUMNS one-row
 # TMAs, and converted chunk by chunk. (On the H100 a register copy from a column slice of a row-major staging
 # buffer lands 16-byte units XOR-permuted by the chunk index; whole chunk refs do not. NOTES.md.)
-# 256 (a TMA box's widest) halves the TMAs per row; trial switch DSV4JAX_SA_CHUNK_COLUMNS.
-CHUNK_COLUMNS = int(os.environ.get("DSV4JAX_SA_CHUNK_COLUMNS", "128"))
+# 256 (a TMA box's widest): two TMAs per row at d=512 instead of four (H100, prefill 16k: 7.09 vs 8.62 ms alone,
+# 5.18 vs 6.01 ms with WARP_ISSUE; kernels-sparse_attention-h100-80gb-hbm3-{cw256,warp,warp-cw256}.json).
+CHUNK_COLUMNS = int(os.environ.get("DSV4JAX_SA_CHUNK_COLUMNS", "256"))
 EXCHANGE_PAD = 8  # fp32 columns padding each row of the partial-score exchange (no bank conflicts)
 # Row gathers unrolled per loop iteration (tuning; lowering time grows with it on jax 0.11, NOTES.md).
 ROW_UNROLL = int(os.environ.get("DSV4JAX_SA_ROW_UNROLL", "4"))
@@ -48,12 +49,14 @@ ROW_UNROLL = int(os.environ.get("DSV4JAX_SA_ROW_UNROLL", "4"))
 # DSV4JAX_SA_SPLIT_K=0 turns it off.
 SPLIT_K = os.environ.get("DSV4JAX_SA_SPLIT_K", "1") == "1"
 GPU_SMS = 132  # H100 / H200; one CTA fits per SM (~220 KB of shared memory)
-# Row-gather issue cost (GPU trial switches, NOTES.md). A Pallas TMA issued by a warpgroup makes all 128 threads
-# arrive on the barrier and, with automatic barriers, syncs the warpgroup first: ~80 cycles per 256-byte row chunk.
-# WARP_ISSUE spreads a block's rows over the memory warpgroup's 4 warps (each warp issues its own TMAs; the row
-# indices are read before, as warp-level code may not load from memory on jax 0.11); NO_AUTO_BARRIERS drops Pallas's automatic warpgroup syncs (the kernel orders its SMEM accesses itself: every
-# staging read precedes a commit_smem, whose warpgroup barrier precedes the TMA that overwrites it).
-WARP_ISSUE = os.environ.get("DSV4JAX_SA_WARP_ISSUE", "0") == "1"
+# Row-gather issue cost. A Pallas TMA issued by a warpgroup makes all 128 threads arrive on the barrier and, with
+# automatic barriers, first syncs the warpgroup. NO_AUTO_BARRIERS drops Pallas's automatic warpgroup syncs (the
+# kernel orders its SMEM accesses itself: every staging read precedes a commit_smem, whose warpgroup barrier
+# precedes the TMA that overwrites it): prefill 16k 15.19 -> 8.62 ms on the H100 (-issue-{base,noauto}.json).
+# WARP_ISSUE spreads a block's rows over the memory warpgroup's 4 warps, each issuing its own TMAs (the row
+# indices are read before: warp-level code may not load from memory on jax 0.11): 8.62 -> 6.01 ms (-warp.json).
+# Both are switches (DSV4JAX_SA_WARP_ISSUE, DSV4JAX_SA_NO_AUTO_BARRIERS) for comparing on a GPU.
+WARP_ISSUE = os.environ.get("DSV4JAX_SA_WARP_ISSUE", "1") == "1"
 NO_AUTO_BARRIERS = os.environ.get("DSV4JAX_SA_NO_AUTO_BARRIERS", "1") == "1"
 
 
