@@ -1,9 +1,11 @@
 """End-to-end forward of the `flash-slice` config (V4-Flash widths, 4 layers, 32 experts; ENVIRONMENT.md) on one GPU:
 prefill time at 1k and 4k tokens and decode time per token at batch 1, with the kernels that "auto" dispatch picks
 (the Pallas kernels verified on the GPU) and with the pure-JAX reference path, and the agreement of their logits
-(bf16). Writes bench/results/model-forward-<device>.json.
+(bf16), each also against the reference run in fp32 on the same (upcast) weights. Writes
+bench/results/model-forward-<device>.json.
 
     python3 bench/model_forward.py [--lengths 1024 4096] [--decode-steps 32] [--implementations auto reference]
+                                   [--fp32-truth 4096]
 """
 
 from __future__ import annotations
@@ -52,12 +54,27 @@ def jitted(fn, implementation):
     return jax.jit(call)
 
 
+def fp32_reference_logits(config_path, params, ids, num_new, cache_length):
+    """The reference path in fp32 with the bf16 model's weights upcast: what both bf16 paths should approach."""
+    config = load_config(config_path, dtype="float32")
+    graphdef = nnx.split(nnx.eval_shape(lambda: DeepseekV4(config, nnx.Rngs(0))))[0]
+    params32 = jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+    state = init_state(config, 1, cache_length)
+    forward = jitted(lambda p, s, i, n: run.forward_fn(graphdef, p, s, i, n)[0], "reference")
+    logits = np.asarray(forward(params32, state, ids, num_new), np.float32)
+    del params32, state
+    return logits
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--decode-steps", type=int, default=32)
     parser.add_argument("--implementations", nargs="+", default=["auto", "reference"])
     parser.add_argument("--config", default=CONFIG)
+    parser.add_argument("--fp32-truth", type=int, default=4096,
+                        help="up to this prompt length, also run the reference in fp32 (the same weights, upcast) and "
+                             "compare both bf16 paths with it (0: off)")
     args = parser.parse_args()
 
     config, graphdef, params, count, build_s = build_model(args.config)
@@ -83,6 +100,16 @@ def main() -> None:
                             "seconds": seconds, "tokens_per_s": length / seconds})
             print(f"prefill {length:6d} {implementation:9s} {seconds * 1e3:9.1f} ms  {length / seconds:9.0f} tok/s",
                   flush=True)
+        if length <= args.fp32_truth and logits:
+            truth = fp32_reference_logits(args.config, params, ids, num_new, length + args.decode_steps + 64)
+            for implementation, value in logits.items():
+                record = {"phase": "prefill-vs-fp32", "tokens": length, "implementation": implementation,
+                          "logits_rel_l2": rel_l2(value, truth),
+                          "argmax_agreement": float(np.mean(value.argmax(-1) == truth.argmax(-1)))}
+                records.append(record)
+                print(f"prefill {length}: {implementation} (bf16) vs fp32 reference logits rel-L2 "
+                      f"{record['logits_rel_l2']:.3e}, argmax agreement {record['argmax_agreement']:.3f}", flush=True)
+            del truth
         if {"auto", "reference"} <= logits.keys():
             agreement = {"phase": "prefill-agreement", "tokens": length,
                          "logits_rel_l2": rel_l2(logits["auto"], logits["reference"]),

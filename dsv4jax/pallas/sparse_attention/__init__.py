@@ -26,8 +26,9 @@ def _use_kernel(q, kv, indices, sink) -> bool:
     from dsv4jax.pallas.sparse_attention.kernel import VERIFIED_ON_GPU
 
     # "auto" takes the kernel only once it has passed on a GPU (NOTES.md: verified on the H100, jax 0.11.2), and
-    # only for ≥ 128 queries: it has no split over K yet, so smaller decode batches run faster in XLA
-    # (bench/results/kernels-sparse_attention-h100-80gb-hbm3.json: B=32 0.28 vs 0.15 ms, B=128 0.28 vs 0.33 ms).
+    # only for ≥ 128 queries: below, even split over K, it only ties XLA's gather + einsum
+    # (bench/results/kernels-sparse_attention-h100-80gb-hbm3.json: B=1 0.072-0.095 vs 0.067 ms, B=8 0.10-0.11 vs
+    # 0.10-0.11 ms, B=32 0.115-0.122 vs 0.119-0.122 ms; B=128 0.143-0.203 vs 0.283-0.325 ms).
     queries = q.shape[0] * q.shape[1]
     return reason is None and _pallas.on_gpu() and VERIFIED_ON_GPU and queries >= MIN_KERNEL_QUERIES
 
