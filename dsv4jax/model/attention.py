@@ -70,13 +70,15 @@ class Attention(nnx.Module):
         indices = [self._window_indices(positions, start, ring)]
         compressor, indexer = state.compressor, state.indexer
         if self.ratio:
-            projections = layout.gather_chunk(self.compressor.project(x, positions))
-            compressor = self.compressor.absorb(projections, compressor, start, num_new, freqs)
+            with jax.named_scope("compressor"):
+                projections = layout.gather_chunk(self.compressor.project(x, positions))
+                compressor = self.compressor.absorb(projections, compressor, start, num_new, freqs)
             offset = ring + chunk
             if self.ratio == 4:
-                index_projections = layout.gather_chunk(self.indexer.compressor.project(x, positions))
-                indexer = self.indexer.compressor.absorb(index_projections, indexer, start, num_new, freqs)
-                rows = self.indexer(x, q_latent, positions, row_view(indexer.rows), freqs)
+                with jax.named_scope("indexer"):
+                    index_projections = layout.gather_chunk(self.indexer.compressor.project(x, positions))
+                    indexer = self.indexer.compressor.absorb(index_projections, indexer, start, num_new, freqs)
+                    rows = self.indexer(x, q_latent, positions, row_view(indexer.rows), freqs)
                 record(self, "indexer_rows", rows)
                 paged = isinstance(compressor.rows, PagedRows)
                 if paged and rows.shape[1] * rows.shape[2] < compressor.rows.rows_per_sequence:
@@ -98,8 +100,9 @@ class Attention(nnx.Module):
         out = sparse_attention(q, jnp.concatenate(buffers, axis=1), jnp.concatenate(indices, axis=-1),
                                self.attn_sink[...], self.head_dim ** -0.5)
 
-        out = apply_rope(out, positions[..., None], freqs, inverse=True)  # §6.3
-        out = self._grouped_output(out)
+        with jax.named_scope("output"):
+            out = apply_rope(out, positions[..., None], freqs, inverse=True)  # §6.3
+            out = self._grouped_output(out)
 
         end = (start + num_new)[:, None]
         keep = (chunk_positions < end) & (chunk_positions >= end - ring)

@@ -32,9 +32,15 @@ class Block(nnx.Module):
     def __call__(self, streams: jax.Array, ids: jax.Array, start: jax.Array, num_new: jax.Array,
                  state: LayerState, layout: TokenLayout = IDENTITY) -> tuple[jax.Array, LayerState]:
         """streams [B,S,n,D] -> (streams, state); under context parallelism S is the local token count."""
-        x, post, comb = self.hc_attn.pre(streams, self.dtype)
-        x, state = self.attn(self.attn_norm(x), start, num_new, state, layout)
-        streams = HyperConnection.post(x, streams, post, comb)
-        x, post, comb = self.hc_ffn.pre(streams, self.dtype)
-        x = layout.moe(self.ffn, self.ffn_norm(x), ids)
-        return HyperConnection.post(x, streams, post, comb), state
+        # Named scopes label the compiled ops, so a profile can say where device time goes (bench/profile_forward.py).
+        with jax.named_scope("mhc"):
+            x, post, comb = self.hc_attn.pre(streams, self.dtype)
+        with jax.named_scope("attention"):
+            x, state = self.attn(self.attn_norm(x), start, num_new, state, layout)
+        with jax.named_scope("mhc"):
+            streams = HyperConnection.post(x, streams, post, comb)
+            x, post, comb = self.hc_ffn.pre(streams, self.dtype)
+        with jax.named_scope("moe"):
+            x = layout.moe(self.ffn, self.ffn_norm(x), ids)
+        with jax.named_scope("mhc"):
+            return HyperConnection.post(x, streams, post, comb), state

@@ -91,9 +91,11 @@ class MoE(nnx.Module):
     def __call__(self, x: jax.Array, ids: jax.Array) -> jax.Array:
         """x [B,S,D] (after ffn_norm), ids [B,S] token ids (hash routing) -> [B,S,D] in x.dtype."""
         flat = x.reshape(-1, x.shape[-1])
-        experts, weights = self.gate(flat, ids.reshape(-1))
+        with jax.named_scope("gate"):
+            experts, weights = self.gate(flat, ids.reshape(-1))
         record(self, "routed_experts", experts.reshape(*x.shape[:-1], -1))
         out = self.experts(flat, experts, weights)
         if self.shared_experts is not None:
-            out = out + self.shared_experts(flat).astype(jnp.float32)
+            with jax.named_scope("shared_expert"):
+                out = out + self.shared_experts(flat).astype(jnp.float32)
         return out.astype(x.dtype).reshape(x.shape)

@@ -44,16 +44,19 @@ class DeepseekV4(nnx.Module):
         x = self.embed(ids)
         streams = jnp.broadcast_to(x[:, :, None, :], (batch, local, self.config.hc_mult, x.shape[-1]))
         layer_states = []
-        for block, layer_state in zip(self.layers, state.layers):
-            streams, layer_state = block(streams, ids, start, num_new, layer_state, layout)
+        for layer, (block, layer_state) in enumerate(zip(self.layers, state.layers)):
+            with jax.named_scope(f"layer{layer}"):
+                streams, layer_state = block(streams, ids, start, num_new, layer_state, layout)
             layer_states.append(layer_state)
         streams = layout.gather_chunk(streams)
-        hidden = self.norm(self.hc_head(streams, x.dtype))
+        with jax.named_scope("mhc"):
+            hidden = self.norm(self.hc_head(streams, x.dtype))
         return hidden, streams, DecodeState(lengths=start + num_new, layers=tuple(layer_states))
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """fp32 logits from final hidden states (§3: head weight upcast to fp32)."""
-        return matmul_fp32(hidden, self.head[...])
+        with jax.named_scope("logits"):
+            return matmul_fp32(hidden, self.head[...])
 
     def mtp_forward(self, streams: jax.Array, next_ids: jax.Array, state: DecodeState,
                     num_new: jax.Array | None = None, layout: TokenLayout = IDENTITY):
@@ -64,4 +67,5 @@ class DeepseekV4(nnx.Module):
         batch, local = next_ids.shape
         if num_new is None:
             num_new = jnp.full((batch,), layout.chunk_length(local), jnp.int32)
-        return self.mtp[0](streams, next_ids, self.embed, state, num_new, layout)
+        with jax.named_scope("mtp"):
+            return self.mtp[0](streams, next_ids, self.embed, state, num_new, layout)
