@@ -1,5 +1,6 @@
 """End-to-end forward of the `flash-slice` config (V4-Flash widths, 4 layers, 32 experts; ENVIRONMENT.md) on one GPU:
-prefill time at 1k and 4k tokens and decode time per token at batch 1, with the kernels that "auto" dispatch picks
+prefill time at 1k and 4k tokens (last-token logits, as served; and with fp32 logits at every position, as
+evaluated) and decode time per token at batch 1, with the kernels that "auto" dispatch picks
 (the Pallas kernels verified on the GPU) and with the pure-JAX reference path, and the agreement of their logits
 (bf16), each also against the reference run in fp32 on the same (upcast) weights. Writes
 bench/results/model-forward-<device>.json.
@@ -87,19 +88,24 @@ def main() -> None:
         state = init_state(config, 1, length + args.decode_steps + 64)
         logits = {}
         for implementation in implementations:
+            # "prefill": the serving path, logits of the last token only; "forward": fp32 logits at every position
+            # (what the agreement check compares, and what batch log-likelihood evaluation computes).
             forward = jitted(lambda p, s, i, n: run.forward_fn(graphdef, p, s, i, n)[0], implementation)
+            prefill = jitted(lambda p, s, i, n: run.prefill_fn(graphdef, p, s, i, n)[0], implementation)
             try:
                 logits[implementation] = np.asarray(forward(params, state, ids, num_new), np.float32)
-                seconds = median_seconds(forward, params, state, ids, num_new, warmup=1, iters=5)
+                timings = {"forward": median_seconds(forward, params, state, ids, num_new, warmup=1, iters=5)}
+                timings["prefill"] = median_seconds(prefill, params, state, ids, num_new, warmup=1, iters=5)
             except Exception as error:  # e.g. the reference running out of memory
                 records.append({"phase": "prefill", "tokens": length, "implementation": implementation,
                                 "error": f"{type(error).__name__}: {str(error)[:300]}"})
                 print(f"prefill {length} {implementation}: {type(error).__name__}", flush=True)
                 continue
-            records.append({"phase": "prefill", "tokens": length, "implementation": implementation,
-                            "seconds": seconds, "tokens_per_s": length / seconds})
-            print(f"prefill {length:6d} {implementation:9s} {seconds * 1e3:9.1f} ms  {length / seconds:9.0f} tok/s",
-                  flush=True)
+            for phase, seconds in timings.items():
+                records.append({"phase": phase, "tokens": length, "implementation": implementation,
+                                "seconds": seconds, "tokens_per_s": length / seconds})
+                print(f"{phase:8s} {length:6d} {implementation:9s} {seconds * 1e3:9.1f} ms  {length / seconds:9.0f} "
+                      f"tok/s", flush=True)
         if length <= args.fp32_truth and logits:
             truth = fp32_reference_logits(args.config, params, ids, num_new, length + args.decode_steps + 64)
             for implementation, value in logits.items():

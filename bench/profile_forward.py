@@ -19,6 +19,8 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# XLA's GPU command buffers (CUDA graphs) show up in a trace as one event per graph, not per kernel: off here.
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer="
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -89,7 +91,7 @@ def kernel_events(trace_dir: str):
             if not on_host and not line.name.startswith("Stream"):
                 continue  # derived lines (modules, ops, steps) would count kernels twice
             for event in line.events:
-                stats = dict(event.stats)
+                stats = {key: value for key, value in event.stats}
                 if "hlo_op" in stats:
                     yield event.name, stats["hlo_op"], event.duration_ns
 

@@ -8,7 +8,15 @@ from dsv4jax.model.init import fan_in_normal, normal
 
 
 def matmul_fp32(x: jax.Array, weight: jax.Array) -> jax.Array:
-    """x @ weightᵀ entirely in fp32 (ARCHITECTURE §2: compressor, gate, head); HIGHEST so GPUs skip TF32."""
+    """x @ weightᵀ computed in fp32 (ARCHITECTURE §2: compressor, gate, head).
+
+    When both operands are bf16 (the checkpoint's weights and the bf16 model's activations), every product of two
+    bf16 values is exact in fp32, so a bf16 matmul with fp32 accumulation computes the upcast fp32 product up to
+    summation order, on tensor cores instead of fp32 CUDA cores (bench/results/profile-forward-*.json: the
+    compressor's fp32 GEMMs took 1.9 ms of a 4k prefill's layer). Otherwise both are upcast, HIGHEST so GPUs
+    skip TF32."""
+    if x.dtype == weight.dtype == jnp.bfloat16:
+        return jnp.einsum("...i,oi->...o", x, weight, preferred_element_type=jnp.float32)
     return jnp.einsum("...i,oi->...o", x.astype(jnp.float32), weight.astype(jnp.float32),
                       precision=jax.lax.Precision.HIGHEST)
 

@@ -1,0 +1,96 @@
+"""Decode at batch 1 on the `flash-slice` config with each kernel family switched off in turn: which kernel
+makes "auto" faster or slower than the pure-JAX reference.
+
+    python3 bench/decode_attribution.py [--prompt 1024] [--steps 32]
+
+Variants: auto, reference, auto without the MoE grouped GEMM, auto without the indexer kernel (the attention
+kernel serves ≥ 128 queries, so batch-1 decode never uses it). Each is timed per step (synchronised after every
+step) and pipelined (32 steps, one synchronisation). Writes bench/results/decode-attribution-<device>-<prompt>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import dsv4jax.pallas.indexer_topk as indexer_package  # noqa: E402
+import dsv4jax.pallas.moe_gmm as moe_package  # noqa: E402
+from bench.common import device_slug, write_results  # noqa: E402
+from bench.model_forward import CONFIG, build_model, jitted  # noqa: E402
+from dsv4jax import run  # noqa: E402
+from dsv4jax.model import init_state  # noqa: E402
+
+
+@contextlib.contextmanager
+def without(family: str | None):
+    """Trace with one kernel family's dispatch forced to its reference (patched for the duration)."""
+    module, attribute = {"moe": (moe_package, "kernel_supported"),
+                         "indexer": (indexer_package, "_use_kernel"), None: (None, None)}[family]
+    if module is None:
+        yield
+        return
+    original = getattr(module, attribute)
+    setattr(module, attribute, lambda *args: False)
+    try:
+        yield
+    finally:
+        setattr(module, attribute, original)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompt", type=int, default=1024, help="prompt length before decoding (0: empty cache)")
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--config", default=CONFIG)
+    args = parser.parse_args()
+
+    config, graphdef, params, count, _ = build_model(args.config)
+    variants = [("auto", "auto", None), ("reference", "reference", None), ("auto-no-moe", "auto", "moe"),
+                ("auto-no-indexer", "auto", "indexer")]
+    records = []
+    for name, implementation, family in variants:
+        with without(family):
+            decode = jitted(lambda p, s, t, a: run.decode_fn(graphdef, p, s, t, a), implementation)
+            state = init_state(config, 1, args.prompt + 2 * args.steps + 64)
+            if args.prompt:
+                prefill = jitted(lambda p, s, i, n: run.prefill_fn(graphdef, p, s, i, n), implementation)
+                ids = jax.random.randint(jax.random.key(7), (1, args.prompt), 0, config.vocab_size)
+                _, _, state = prefill(params, state, ids, jnp.array([args.prompt], jnp.int32))
+            token, active = jnp.zeros((1,), jnp.int32), jnp.ones((1,), bool)
+            start = time.perf_counter()
+            logits, _, state = decode(params, state, token, active)
+            jax.block_until_ready(logits)
+            first_call = time.perf_counter() - start
+        steps = []
+        for _ in range(args.steps):
+            start = time.perf_counter()
+            logits, _, state = decode(params, state, jnp.argmax(logits, -1).astype(jnp.int32), active)
+            jax.block_until_ready(logits)
+            steps.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            logits, _, state = decode(params, state, jnp.argmax(logits, -1).astype(jnp.int32), active)
+        jax.block_until_ready(logits)
+        pipelined = (time.perf_counter() - start) / args.steps
+        steps.sort()
+        record = {"variant": name, "first_call_s": first_call, "median_step_ms": steps[len(steps) // 2] * 1e3,
+                  "min_step_ms": steps[0] * 1e3, "pipelined_step_ms": pipelined * 1e3}
+        records.append(record)
+        print(record, flush=True)
+    config_name = os.path.splitext(os.path.basename(args.config))[0]
+    path = write_results(f"decode-attribution-{device_slug()}-{args.prompt}",
+                         {"config": config_name, "batch": 1, "prompt": args.prompt, "steps": args.steps,
+                          "parameters": count}, records)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
