@@ -9,7 +9,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsv4jax.model.init import normal
-from dsv4jax.model.norm import rms_normalize
 
 
 def sinkhorn(logits: jax.Array, iters: int, eps: float) -> jax.Array:
@@ -27,10 +26,13 @@ def sinkhorn(logits: jax.Array, iters: int, eps: float) -> jax.Array:
 
 
 def stream_mixes(streams: jax.Array, fn: jax.Array, norm_eps: float) -> jax.Array:
-    """(x̃ @ fnᵀ)·ρ with x̃ the flattened streams in fp32 and ρ its inverse RMS (§4.2, eps = rms_norm_eps)."""
-    flat = streams.reshape(*streams.shape[:-2], -1)
-    return jnp.einsum("...k,mk->...m", rms_normalize(flat, norm_eps), fn.astype(jnp.float32),
-                      precision=jax.lax.Precision.HIGHEST)
+    """(x̃ @ fnᵀ)·ρ with x̃ the flattened streams in fp32 and ρ its inverse RMS (§4.2, eps = rms_norm_eps).
+
+    In the spec's order: ρ scales the 24 mixes, not the n·D inputs, so no normalised fp32 copy of the streams is
+    materialised (the profile put mHC at 19% of a prefill's device time)."""
+    flat = streams.reshape(*streams.shape[:-2], -1).astype(jnp.float32)
+    rho = jax.lax.rsqrt(jnp.mean(jnp.square(flat), axis=-1, keepdims=True) + norm_eps)
+    return jnp.einsum("...k,mk->...m", flat, fn.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST) * rho
 
 
 def collapse(streams: jax.Array, weights: jax.Array, dtype) -> jax.Array:
