@@ -116,7 +116,7 @@ def check_small(key):
     return records
 
 
-def benchmark(prefill_lengths, decode_shapes, name) -> list[dict]:
+def benchmark(prefill_lengths, decode_shapes, name, splits=None) -> list[dict]:
     ceilings = measure_ceilings()
     print(f"ceilings: matmul {ceilings['matmul_tflops']:.0f} TFLOP/s, copy {ceilings['copy_tbps']:.2f} TB/s", flush=True)
     key = jax.random.key(int(time.time()))
@@ -126,9 +126,10 @@ def benchmark(prefill_lengths, decode_shapes, name) -> list[dict]:
     def run(kind, label, q, kv, idx, sink, ref_fits, iters):
         rec = {"kind": kind, "shape": label, "B": q.shape[0], "S": q.shape[1], "H": H, "d": D, "K": idx.shape[2],
                "kv_rows": kv.shape[1],
-               "splits": default_splits(q.shape[0] * q.shape[1], H, idx.shape[2])}
+               "splits": (min(splits, -(-idx.shape[2] // 32)) if splits  # the kernel caps splits at the blocks
+                          else default_splits(q.shape[0] * q.shape[1], H, idx.shape[2]))}
         start = time.perf_counter()  # first sight of this shape: lowering (Mosaic GPU layout inference) + compile
-        lowered = jax.jit(lambda *a: sparse_attention_kernel(*a, scale=SCALE)).lower(q, kv, idx, sink)
+        lowered = jax.jit(lambda *a: sparse_attention_kernel(*a, scale=SCALE, splits=splits)).lower(q, kv, idx, sink)
         rec["lower_s"] = time.perf_counter() - start
         start = time.perf_counter()
         compiled = lowered.compile()
@@ -192,6 +193,8 @@ if __name__ == "__main__":
     parser.add_argument("--prefill", type=int, nargs="*", default=[4096, 16384, 65536], help="prefill lengths")
     parser.add_argument("--decode", nargs="*", default=[f"{b}:{c}" for c in (4096, 131072) for b in (1, 8, 32, 128)],
                         help="decode shapes as batch:context")
+    parser.add_argument("--splits", type=int, default=None,
+                        help="CTAs per token over K for every timed shape (default: the kernel's default_splits)")
     parser.add_argument("--name", default=f"kernels-sparse_attention-{device_slug()}")
     args = parser.parse_args()
-    benchmark(args.prefill, [tuple(map(int, shape.split(":"))) for shape in args.decode], args.name)
+    benchmark(args.prefill, [tuple(map(int, shape.split(":"))) for shape in args.decode], args.name, args.splits)
