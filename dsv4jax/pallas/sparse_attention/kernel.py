@@ -71,8 +71,8 @@ def unsupported_reason(q, kv, indices, sink) -> str | None:
         return "dtype (bf16/f16 q and kv of one dtype)"
     if H % 16:
         return "H must be a multiple of 16"
-    if d % 128 or d > 512:
-        return "d must be a multiple of 128, at most 512"
+    if d not in (128, 256, 512):
+        return "d must be 128, 256 or 512"
     if kv.shape[1] < 1 or indices.shape[2] < 1:
         return "empty"
     return None
@@ -116,7 +116,10 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False, spl
     # of the swizzle width, so the KV tiles use a 64B swizzle for bk = 32 (128B for bk = 64).
     swz = min(128, bk * itemsize)
     tiled_t = (plgpu.TilingTransform((8, swz // itemsize)), plgpu.SwizzleTransform(swz))
-    convert_rows = min(bk, 4096 // CW)  # rows per register copy: ≤ 32 values per thread (the memory WG has 40 registers)
+    convert_rows = bk  # rows per register copy: ≤ 32 values per thread (the memory WG has 40 registers), whole tiles
+    while convert_rows > 8 and convert_rows * CW > 4096:
+        convert_rows //= 2
+    assert bk % convert_rows == 0 and bk % 4 == 0, bk
     copy_layout = plgpu.Layout.SMEM_GMEM_COPY((convert_rows, CW), jnp.dtype(dtype), swz)
 
     def load(ref, layout, **kw):
