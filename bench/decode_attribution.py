@@ -24,7 +24,7 @@ import jax.numpy as jnp  # noqa: E402
 import dsv4jax.pallas.indexer_topk as indexer_package  # noqa: E402
 import dsv4jax.pallas.moe_gmm as moe_package  # noqa: E402
 from bench.common import device_slug, write_results  # noqa: E402
-from bench.model_forward import CONFIG, build_model, jitted  # noqa: E402
+from bench.model_forward import CONFIG, build_model, decode_step_times, jitted  # noqa: E402
 from dsv4jax import run  # noqa: E402
 from dsv4jax.model import init_state  # noqa: E402
 
@@ -59,7 +59,7 @@ def main() -> None:
     for name, implementation, family in variants:
         with without(family):
             decode = jitted(lambda p, s, t, a: run.decode_fn(graphdef, p, s, t, a), implementation)
-            state = init_state(config, 1, args.prompt + 2 * args.steps + 64)
+            state = init_state(config, 1, args.prompt + 2 * args.steps + 64 + 8)
             if args.prompt:
                 prefill = jitted(lambda p, s, i, n: run.prefill_fn(graphdef, p, s, i, n), implementation)
                 ids = jax.random.randint(jax.random.key(7), (1, args.prompt), 0, config.vocab_size)
@@ -69,20 +69,8 @@ def main() -> None:
             logits, _, state = decode(params, state, token, active)
             jax.block_until_ready(logits)
             first_call = time.perf_counter() - start
-        steps = []
-        for _ in range(args.steps):
-            start = time.perf_counter()
-            logits, _, state = decode(params, state, jnp.argmax(logits, -1).astype(jnp.int32), active)
-            jax.block_until_ready(logits)
-            steps.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            logits, _, state = decode(params, state, jnp.argmax(logits, -1).astype(jnp.int32), active)
-        jax.block_until_ready(logits)
-        pipelined = (time.perf_counter() - start) / args.steps
-        steps.sort()
-        record = {"variant": name, "first_call_s": first_call, "median_step_ms": steps[len(steps) // 2] * 1e3,
-                  "min_step_ms": steps[0] * 1e3, "pipelined_step_ms": pipelined * 1e3}
+        timing, state = decode_step_times(decode, params, state, logits, active, args.steps)
+        record = {"variant": name, "first_call_s": first_call, **timing}
         records.append(record)
         print(record, flush=True)
     config_name = os.path.splitext(os.path.basename(args.config))[0]
