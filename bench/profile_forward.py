@@ -20,8 +20,6 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# XLA's GPU command buffers (CUDA graphs) show up in a trace as one event per graph, not per kernel: off here.
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer="
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -105,6 +103,9 @@ def main() -> None:
     parser.add_argument("--config", default=CONFIG)
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
+    # XLA's GPU command buffers (CUDA graphs) show up in a trace as one event per graph, not per kernel: off here
+    # (read when the backend starts, which is below).
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer="
 
     config, graphdef, params, count, _ = build_model(args.config)
     ids = jax.random.randint(jax.random.key(0), (1, args.length), 0, config.vocab_size)
