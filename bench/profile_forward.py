@@ -147,7 +147,8 @@ def main() -> None:
     path = write_results(f"profile-forward-{device_slug()}-{args.implementation}-{args.length}",
                          {"config": name, "tokens": args.length, "implementation": args.implementation,
                           "parameters": count, "runs": args.runs},
-                         rows, {"kernel_ms_per_run": total, "wall_ms_per_run": wall_ms, "by_layer": dict(by_layer.most_common()),
+                         rows, {"kernel_ms_per_run": total, "wall_ms_per_run": wall_ms,
+                                "by_layer": dict(by_layer.most_common()),
                                 "top_kernels": top})
     print(f"wrote {path}")
 

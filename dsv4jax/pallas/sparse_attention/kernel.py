@@ -8,8 +8,9 @@ One CTA per (query token, group of 64 heads); three warpgroups:
   softmax (the sink is the initial running max, so masked / empty blocks never give NaN), and
   ``acc_h += P(bf16) · V[:, half h]`` by wgmma with P from registers.
 * WG2 (memory) gathers the rows: Hopper TMA has no gather, so each row is d/256 one-row TMAs (one per 256-column
-  chunk) into a chunk-major staging buffer, issued by its four warps in parallel; the warpgroup then copies each staged chunk into its own
-  (8, 32)-tiled, 64B-swizzled buffer that wgmma reads, and signals the compute warpgroups.  Staging and tiled
+  chunk) into a chunk-major staging buffer, issued by its four warps in parallel; the warpgroup then copies each
+  staged chunk into its own (8, 32)-tiled, 64B-swizzled buffer that wgmma reads, and signals the compute
+  warpgroups.  Staging and tiled
   buffers are double-buffered, so the row gathers of block j+2 fly while block j is converted and blocks j/j-1
   are multiplied.  The indices stream through a small ring, so shared memory does not grow with K.
 
@@ -41,7 +42,8 @@ HEADS_PER_CTA = 64  # wgmma M of one warpgroup
 # 5.18 vs 6.01 ms with WARP_ISSUE; kernels-sparse_attention-h100-80gb-hbm3-{cw256,warp,warp-cw256}.json).
 CHUNK_COLUMNS = int(os.environ.get("DSV4JAX_SA_CHUNK_COLUMNS", "256"))
 EXCHANGE_PAD = 8  # fp32 columns padding each row of the partial-score exchange (no bank conflicts)
-# Row gathers unrolled per loop iteration (tuning; lowering time grows with it on jax 0.11, NOTES.md).
+# Row gathers unrolled per loop iteration when one thread issues them all (WARP_ISSUE off; lowering time grows with
+# it on jax 0.11, NOTES.md).
 ROW_UNROLL = int(os.environ.get("DSV4JAX_SA_ROW_UNROLL", "4"))
 # Split over K (decode): a few query tokens leave most SMs idle, so each CTA takes 1/splits of the blocks and
 # writes a partial output with its log-sum-exp, combined outside the kernel. Verified on the H100 (jax 0.11.2,
@@ -263,8 +265,9 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False, spl
                         plgpu.copy_gmem_to_smem(kv_ref.at[kv_b, pl.ds(row, 1), k], stage.at[slot, k, pl.ds(r, 1)],
                                                 stage_bar.at[slot])
 
-                # A loop, not bk unrolled copies: jax 0.11's Mosaic GPU layout inference grows faster than linearly
-                # with the kernel's op count (fully unrolled, lowering one attention shape took ~15 s; NOTES.md).
+                # jax 0.11's Mosaic GPU layout inference grows faster than linearly with the kernel's op count
+                # (bk unrolled single-issuer copies: ~15 s to lower one attention shape; NOTES.md). The per-warp
+                # issue unrolls bk/4 rows per warp and lowers in 1.6-2.1 s; the single issuer keeps a loop.
                 if WARP_ISSUE and interpret is None:
                     rows = [jnp.maximum(idx_ring[lax.rem(j, NI), r], 0) for r in range(bk)]
 
