@@ -86,7 +86,7 @@ def write_results(name: str, config: dict, records: list[dict], extra: dict | No
     return path
 
 
-def random_model(config, name: str):
+def random_model(config, name: str, seed: int = 0):
     """A dsv4jax Model of `config` (a ModelConfig) with random weights drawn on the device, in one jitted program
     (the host-side init that `dsv4jax.load` uses for a bare config is slow at V4-Flash widths)."""
     from flax import nnx
@@ -94,6 +94,6 @@ def random_model(config, name: str):
     from dsv4jax.api import Model
     from dsv4jax.model import DeepseekV4
 
-    model = Model(nnx.jit(lambda: DeepseekV4(config, nnx.Rngs(0)))(), name=name)
+    model = Model(nnx.jit(lambda: DeepseekV4(config, nnx.Rngs(seed)))(), name=name)
     jax.block_until_ready(model.params)
     return model

@@ -32,11 +32,10 @@ from dsv4jax.model import init_state  # noqa: E402
 @contextlib.contextmanager
 def without(family: str | None):
     """Trace with one kernel family's dispatch forced to its reference (patched for the duration)."""
-    module, attribute = {"moe": (moe_package, "kernel_supported"),
-                         "indexer": (indexer_package, "_use_kernel"), None: (None, None)}[family]
-    if module is None:
+    if family is None:
         yield
         return
+    module, attribute = {"moe": (moe_package, "kernel_supported"), "indexer": (indexer_package, "_use_kernel")}[family]
     original = getattr(module, attribute)
     setattr(module, attribute, lambda *args: False)
     try:

@@ -23,7 +23,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from bench.common import device_slug, median_seconds, write_results  # noqa: E402
+from bench.common import device_slug, median_seconds, random_model, write_results  # noqa: E402
 from dsv4jax import pallas, run  # noqa: E402
 from dsv4jax.config import load_config  # noqa: E402
 from dsv4jax.model import DeepseekV4, init_state  # noqa: E402
@@ -35,9 +35,8 @@ CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 def build_model(path: str, seed: int = 0):
     config = load_config(path, dtype="bfloat16")
     start = time.perf_counter()
-    model = nnx.jit(lambda: DeepseekV4(config, nnx.Rngs(seed)))()  # drawn on the device
-    graphdef, params = nnx.split(model)
-    jax.block_until_ready(params)
+    model = random_model(config, os.path.basename(path), seed)
+    graphdef, params = model.graphdef, model.params
     count = sum(x.size for x in jax.tree.leaves(params))
     return config, graphdef, params, count, time.perf_counter() - start
 

@@ -1,5 +1,8 @@
 import os
 import sys
+import time
+
+import pytest
 
 # Tests import their support modules (hf_oracle) by name.
 sys.path.insert(0, os.path.dirname(__file__))
@@ -24,3 +27,9 @@ if "DSV4JAX_COMPILATION_CACHE" not in os.environ:
     import tempfile
 
     os.environ["DSV4JAX_COMPILATION_CACHE"] = os.path.join(tempfile.mkdtemp(prefix="dsv4jax-test-"), "xla")
+
+
+@pytest.fixture
+def seed():
+    """A fresh seed per test run (random inputs differ from run to run)."""
+    return int(time.time_ns() % (2 ** 31))

@@ -1,18 +1,11 @@
 """matmul_fp32 (compressor, gate, head: ARCHITECTURE §2) is an fp32 computation on both of its paths."""
 
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from dsv4jax.model.linear import matmul_fp32
-
-
-@pytest.fixture
-def seed():
-    return int(time.time_ns() % (2 ** 31))
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])

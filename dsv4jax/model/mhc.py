@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsv4jax.model.init import normal
+from dsv4jax.model.norm import inverse_rms
 
 
 def sinkhorn(logits: jax.Array, iters: int, eps: float) -> jax.Array:
@@ -31,8 +32,8 @@ def stream_mixes(streams: jax.Array, fn: jax.Array, norm_eps: float) -> jax.Arra
     In the spec's order: ρ scales the 24 mixes, not the n·D inputs, so no normalised fp32 copy of the streams is
     materialised (the profile put mHC at 19% of a prefill's device time)."""
     flat = streams.reshape(*streams.shape[:-2], -1).astype(jnp.float32)
-    rho = jax.lax.rsqrt(jnp.mean(jnp.square(flat), axis=-1, keepdims=True) + norm_eps)
-    return jnp.einsum("...k,mk->...m", flat, fn.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST) * rho
+    mixes = jnp.einsum("...k,mk->...m", flat, fn.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    return mixes * inverse_rms(flat, norm_eps)
 
 
 def collapse(streams: jax.Array, weights: jax.Array, dtype) -> jax.Array:

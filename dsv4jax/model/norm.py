@@ -5,10 +5,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 
+def inverse_rms(x: jax.Array, eps: float) -> jax.Array:
+    """1 / sqrt(mean(x²) + eps) over the last axis (kept), for fp32 x."""
+    return jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+
+
 def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
     """Unweighted RMS normalisation over the last axis, in fp32 (returns fp32)."""
     x = x.astype(jnp.float32)
-    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+    return x * inverse_rms(x, eps)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:

@@ -259,9 +259,11 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False, spl
             def gather(j, slot):
                 plgpu.barrier_wait(idx_bar.at[lax.rem(j, NI)])
 
-                def copy_row(r):
-                    row = jnp.maximum(idx_ring[lax.rem(j, NI), r], 0)
-                    for k in range(NCH):  # d/CW one-row TMAs, into chunk-major staging
+                def row_id(r):  # invalid slots (-1) load row 0, masked later
+                    return jnp.maximum(idx_ring[lax.rem(j, NI), r], 0)
+
+                def copy_row(row, r):  # kv row `row` into staging row r: d/CW one-row TMAs, chunk-major
+                    for k in range(NCH):
                         plgpu.copy_gmem_to_smem(kv_ref.at[kv_b, pl.ds(row, 1), k], stage.at[slot, k, pl.ds(r, 1)],
                                                 stage_bar.at[slot])
 
@@ -269,20 +271,18 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False, spl
                 # (bk unrolled single-issuer copies: ~15 s to lower one attention shape; NOTES.md). The per-warp
                 # issue unrolls bk/4 rows per warp and lowers in 1.6-2.1 s; the single issuer keeps a loop.
                 if WARP_ISSUE and interpret is None:
-                    rows = [jnp.maximum(idx_ring[lax.rem(j, NI), r], 0) for r in range(bk)]
+                    rows = [row_id(r) for r in range(bk)]
 
                     def warp_rows(warp):  # rows warp, warp + 4, ...: four TMA issuers instead of one
                         for i in range(bk // 4):
                             row = rows[4 * i + 3]
                             for w in range(3):
                                 row = jnp.where(warp == w, rows[4 * i + w], row)
-                            for k in range(NCH):
-                                plgpu.copy_gmem_to_smem(kv_ref.at[kv_b, pl.ds(row, 1), k],
-                                                        stage.at[slot, k, pl.ds(4 * i + warp, 1)], stage_bar.at[slot])
+                            copy_row(row, 4 * i + warp)
 
                     plgpu.warp_map(warp_rows)
                 else:
-                    lax.fori_loop(0, bk, lambda r, c: copy_row(r), None, unroll=min(ROW_UNROLL, bk))
+                    lax.fori_loop(0, bk, lambda r, c: copy_row(row_id(r), r), None, unroll=min(ROW_UNROLL, bk))
 
             for i in range(min(NS, nblk)):
                 gather(i, i)
