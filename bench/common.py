@@ -6,10 +6,13 @@ figures. Timings are medians over repeated runs after warm-up, each synchronised
 
 from __future__ import annotations
 
+import collections
+import glob
 import json
 import os
 import statistics
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -75,6 +78,42 @@ def roofline(flops: float, bytes_moved: float, ceilings: dict) -> dict:
     t_compute = flops / (ceilings["matmul_tflops"] * 1e12)
     t_memory = bytes_moved / (ceilings["copy_tbps"] * 1e12)
     return {"floor_s": max(t_compute, t_memory), "bound": "compute" if t_compute >= t_memory else "memory"}
+
+
+def kernel_events(trace_dir: str):
+    """(kernel name, hlo_op, duration in ns) of every device kernel in the trace (host thunks on a CPU backend)."""
+    from jax.profiler import ProfileData
+
+    path = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)[0]
+    data = ProfileData.from_file(path)
+    planes = [p for p in data.planes if p.name.startswith("/device:GPU")]
+    on_host = not planes
+    if on_host:
+        planes = [p for p in data.planes if p.name == "/host:CPU"]
+    for plane in planes:
+        for line in plane.lines:
+            if not on_host and not line.name.startswith("Stream"):
+                continue  # derived lines (modules, ops, steps) would count kernels twice
+            for event in line.events:
+                stats = {key: value for key, value in event.stats}
+                if on_host and "hlo_op" not in stats:
+                    continue  # the host plane also holds Python and thread-pool events
+                yield event.name, stats.get("hlo_op", ""), event.duration_ns
+
+
+def device_ms(fn, *args, runs: int = 5) -> dict:
+    """Device time per run of fn(*args) (jitted, already compiled) from a `jax.profiler` trace: the total and per
+    kernel name, in ms. Set XLA_FLAGS=--xla_gpu_enable_command_buffer= before the backend starts, or a CUDA graph
+    shows as one event."""
+    jax.block_until_ready(fn(*args))
+    trace_dir = tempfile.mkdtemp(prefix="device-ms-")
+    with jax.profiler.trace(trace_dir):
+        for _ in range(runs):
+            jax.block_until_ready(fn(*args))
+    by_kernel = collections.Counter()
+    for name, _, ns in kernel_events(trace_dir):
+        by_kernel[name] += ns / 1e6 / runs
+    return {"total_ms": sum(by_kernel.values()), "kernels_ms": dict(by_kernel.most_common(8))}
 
 
 def write_results(name: str, config: dict, records: list[dict], extra: dict | None = None) -> Path:

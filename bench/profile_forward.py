@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
 import os
 import re
 import sys
@@ -24,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from bench.common import device_slug, write_results  # noqa: E402
+from bench.common import device_slug, kernel_events, write_results  # noqa: E402
 from bench.model_forward import CONFIG, build_model, jitted  # noqa: E402
 from dsv4jax import run  # noqa: E402
 from dsv4jax.model import init_state  # noqa: E402
@@ -73,27 +72,6 @@ def classify(op_name: str) -> tuple[str, str]:
     layer = next((p for p in parts if re.fullmatch(r"layer\d+", p)), "-")
     component = next((c for c in COMPONENTS if c in parts), "other")
     return layer, component
-
-
-def kernel_events(trace_dir: str):
-    """(kernel name, hlo_op, duration in ns) of every device kernel in the trace (host thunks on a CPU backend)."""
-    from jax.profiler import ProfileData
-
-    path = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)[0]
-    data = ProfileData.from_file(path)
-    planes = [p for p in data.planes if p.name.startswith("/device:GPU")]
-    on_host = not planes
-    if on_host:
-        planes = [p for p in data.planes if p.name == "/host:CPU"]
-    for plane in planes:
-        for line in plane.lines:
-            if not on_host and not line.name.startswith("Stream"):
-                continue  # derived lines (modules, ops, steps) would count kernels twice
-            for event in line.events:
-                stats = {key: value for key, value in event.stats}
-                if on_host and "hlo_op" not in stats:
-                    continue  # the host plane also holds Python and thread-pool events
-                yield event.name, stats.get("hlo_op", ""), event.duration_ns
 
 
 def main() -> None:

@@ -5,7 +5,8 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
-from bench.profile_forward import classify, kernel_events, op_names
+from bench.common import kernel_events
+from bench.profile_forward import classify, op_names
 
 
 def test_profiled_ops_are_attributed_to_their_layer_and_component():
