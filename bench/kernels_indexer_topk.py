@@ -9,6 +9,10 @@ max(FLOP / matmul ceiling, bytes / copy bandwidth), both measured in the same ru
 Before timing, the kernel is checked on the GPU against the reference on the same bf16 inputs (scores and selected
 row sets), with the output allocation poisoned with NaN first.
 
+Times (`*_s`) are device time per call (the call's kernels in a profiler trace), and the rates, roofline
+fractions and speed-ups come from them; `*_wall_s` is the synchronised wall time, which adds ~0.1-0.2 ms of
+dispatch per call on our H100 host.
+
     python -m bench.kernels_indexer_topk       # writes bench/results/kernels-indexer_topk-<device>.json
 """
 
@@ -23,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.common import device_slug, measure_ceilings, median_seconds, roofline, write_results
+from bench.common import (device_ms, device_slug, measure_ceilings, median_seconds, roofline, trace_every_kernel,
+                          write_results)
 from dsv4jax.pallas.indexer_topk import (indexer_scores, indexer_scores_reference, indexer_topk_kernel,
                                          indexer_topk_reference)
 from dsv4jax.pallas.indexer_topk import _select as select_topk
@@ -122,27 +127,32 @@ def time_case(key, ceilings, b, s, n, vis, label, iters):
     rec = {"kind": "time", "label": label, "B": b, "S": s, "N": n, "H": H, "d": D, "k": K,
            "visible_pairs": pairs, "useful_flop": flop}
     warm = 1 if iters < 10 else 2
+
+    def timed(name, fn, *args, iters=iters):
+        rec[name + "_wall_s"] = median_seconds(fn, *args, warmup=warm, iters=iters)
+        return device_ms(fn, *args)["total_ms"] / 1e3
+
     f_scores = jax.jit(indexer_scores)
-    t = median_seconds(f_scores, q, w, keys, vis, warmup=warm, iters=iters)
+    t = timed("scores", f_scores, q, w, keys, vis)
     r = roofline(flop, in_bytes + scores_bytes, ceilings)
     rec.update(scores_s=t, scores_tflops=flop / t / 1e12, scores_roofline_fraction=r["floor_s"] / t,
                scores_bound=r["bound"], scores_floor_s=r["floor_s"])
     scores = f_scores(q, w, keys, vis)
     f_top = jax.jit(select_topk, static_argnums=1)
-    rec["topk_only_s"] = median_seconds(f_top, scores, K, warmup=warm, iters=iters)
+    rec["topk_only_s"] = timed("topk_only", f_top, scores, K)
     f_sorted = jax.jit(select_sorted, static_argnums=1)
-    rec["topk_sorted_only_s"] = median_seconds(f_sorted, scores, K, warmup=warm, iters=iters)
+    rec["topk_sorted_only_s"] = timed("topk_sorted_only", f_sorted, scores, K)
     del scores
     f_e2e_sorted = jax.jit(lambda *a: select_sorted(indexer_scores(*a), K))
-    rec["e2e_sorted_s"] = median_seconds(f_e2e_sorted, q, w, keys, vis, warmup=warm, iters=iters)
+    rec["e2e_sorted_s"] = timed("e2e_sorted", f_e2e_sorted, q, w, keys, vis)
     f_e2e = jax.jit(indexer_topk_kernel, static_argnums=4)
-    t = median_seconds(f_e2e, q, w, keys, vis, K, warmup=warm, iters=iters)
+    t = timed("e2e", f_e2e, q, w, keys, vis, K)
     r = roofline(flop, in_bytes + 2 * scores_bytes, ceilings)
     rec.update(e2e_s=t, e2e_tflops=flop / t / 1e12, e2e_roofline_fraction=r["floor_s"] / t)
     try:
         f_ref = jax.jit(lambda *a: _reference_topk(*a)[0], static_argnums=4)
         chunked = b * s * H * n * 4 > REF_MAX_BYTES
-        tr = median_seconds(f_ref, q, w, keys, vis, K, warmup=1, iters=max(3, iters // 2))
+        tr = timed("xla_reference", f_ref, q, w, keys, vis, K, iters=max(3, iters // 2))
         rec.update(xla_reference_s=tr, xla_reference_chunked=chunked, speedup_e2e=tr / t,
                    speedup_scores=tr / rec["scores_s"])
     except Exception as e:  # noqa: BLE001 (out of memory, reported as such)
@@ -210,7 +220,7 @@ def benchmark() -> list[dict]:
 def _config():
     return {"H": H, "d": D, "k": K, "prefill_S": list(PREFILL), "prefill_N": "S/4, causal floor((t+1)/4)",
             "decode": [{"B": b, "N": n, "S": 1} for b, n in DECODE], "dtype": "bf16 q/keys, fp32 weights",
-            "timing": "median wall time, block_until_ready; XLA reference = indexer_topk_reference under jit "
+            "timing": "device time per call (profiler trace; *_wall_s: median wall time); XLA reference = indexer_topk_reference under jit "
                       f"(token-chunked with lax.map where its [B,S,H,N] fp32 intermediate exceeds "
                       f"{REF_MAX_BYTES >> 30} GiB)"}
 
@@ -229,6 +239,7 @@ def _table(records):
 
 
 if __name__ == "__main__":
+    trace_every_kernel()
     recs = benchmark()
     name = f"kernels-indexer_topk-{device_slug()}" + os.environ.get("INDEXER_BENCH_SUFFIX", "")
     path = write_results(name, _config(), recs)

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from bench.common import device_slug, kernel_events, write_results  # noqa: E402
+from bench.common import device_slug, kernel_events, trace_every_kernel, write_results  # noqa: E402
 from bench.model_forward import CONFIG, build_model, jitted  # noqa: E402
 from dsv4jax import run  # noqa: E402
 from dsv4jax.model import init_state  # noqa: E402
@@ -81,9 +81,7 @@ def main() -> None:
     parser.add_argument("--config", default=CONFIG)
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
-    # XLA's GPU command buffers (CUDA graphs) show up in a trace as one event per graph, not per kernel: off here
-    # (read when the backend starts, which is below).
-    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer="
+    trace_every_kernel()  # before the backend starts, below
 
     config, graphdef, params, count, _ = build_model(args.config)
     ids = jax.random.randint(jax.random.key(0), (1, args.length), 0, config.vocab_size)
