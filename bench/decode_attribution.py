@@ -4,8 +4,11 @@ makes "auto" faster or slower than the pure-JAX reference.
     python3 bench/decode_attribution.py [--prompt 1024] [--steps 32]
 
 Variants: auto, reference, auto without the MoE grouped GEMM, auto without the indexer kernel (the attention
-kernel serves ≥ 128 queries, so batch-1 decode never uses it). Each is timed per step (synchronised after every
-step) and pipelined (32 steps, one synchronisation). Writes bench/results/decode-attribution-<device>-<prompt>.json.
+kernel serves ≥ 128 queries, so batch-1 decode never uses it), and two experiments on XLA while loops, which on
+a GPU cost a host round trip per iteration: auto with the MoE tile schedule's binary search as a loop again
+(`searchsorted-loop`), and auto with mHC's Sinkhorn iterations unrolled (`sinkhorn-unrolled`). Each is timed per
+step (synchronised after every step), pipelined (32 steps, one synchronisation), and by device time per step
+(profiler trace: the kernels alone). Writes bench/results/decode-attribution-<device>-<prompt>.json.
 """
 
 from __future__ import annotations
@@ -23,21 +26,42 @@ import jax.numpy as jnp  # noqa: E402
 
 import dsv4jax.pallas.indexer_topk as indexer_package  # noqa: E402
 import dsv4jax.pallas.moe_gmm as moe_package  # noqa: E402
-from bench.common import device_slug, write_results  # noqa: E402
+import dsv4jax.pallas.moe_gmm.kernel as moe_kernel  # noqa: E402
+from bench.common import device_ms, device_slug, trace_every_kernel, write_results  # noqa: E402
 from bench.model_forward import CONFIG, build_model, decode_step_times, jitted  # noqa: E402
 from dsv4jax import run  # noqa: E402
-from dsv4jax.model import init_state  # noqa: E402
+from dsv4jax.model import init_state, mhc  # noqa: E402
+
+
+def _unrolled_sinkhorn(logits, iters, eps):
+    c = jax.nn.softmax(logits, axis=-1) + eps
+    c = c / (jnp.sum(c, axis=-2, keepdims=True) + eps)
+    for _ in range(iters - 1):
+        c = c / (jnp.sum(c, axis=-1, keepdims=True) + eps)
+        c = c / (jnp.sum(c, axis=-2, keepdims=True) + eps)
+    return c
+
+
+PATCHES = {  # variant patch -> (module, attribute, replacement), set while the variant is traced
+    "no-moe": (moe_package, "kernel_supported", lambda *args: False),
+    "no-indexer": (indexer_package, "_use_kernel", lambda *args: False),
+    "searchsorted-loop": (moe_kernel, "SEARCH_METHOD", "scan"),
+    "sinkhorn-unrolled": (mhc, "sinkhorn", _unrolled_sinkhorn),
+}
+VARIANTS = {"auto": ("auto", None), "reference": ("reference", None), "auto-no-moe": ("auto", "no-moe"),
+            "auto-no-indexer": ("auto", "no-indexer"), "auto-searchsorted-loop": ("auto", "searchsorted-loop"),
+            "auto-sinkhorn-unrolled": ("auto", "sinkhorn-unrolled")}
 
 
 @contextlib.contextmanager
-def without(family: str | None):
-    """Trace with one kernel family's dispatch forced to its reference (patched for the duration)."""
-    if family is None:
+def patched(patch: str | None):
+    """Trace with one of PATCHES applied (restored afterwards)."""
+    if patch is None:
         yield
         return
-    module, attribute = {"moe": (moe_package, "kernel_supported"), "indexer": (indexer_package, "_use_kernel")}[family]
+    module, attribute, replacement = PATCHES[patch]
     original = getattr(module, attribute)
-    setattr(module, attribute, lambda *args: False)
+    setattr(module, attribute, replacement)
     try:
         yield
     finally:
@@ -49,14 +73,15 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=1024, help="prompt length before decoding (0: empty cache)")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--config", default=CONFIG)
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     args = parser.parse_args()
+    trace_every_kernel()
 
     config, graphdef, params, count, _ = build_model(args.config)
-    variants = [("auto", "auto", None), ("reference", "reference", None), ("auto-no-moe", "auto", "moe"),
-                ("auto-no-indexer", "auto", "indexer")]
     records = []
-    for name, implementation, family in variants:
-        with without(family):
+    for name in args.variants:
+        implementation, patch = VARIANTS[name]
+        with patched(patch):
             decode = jitted(lambda p, s, t, a: run.decode_fn(graphdef, p, s, t, a), implementation)
             state = init_state(config, 1, args.prompt + 2 * args.steps + 64 + 8)
             if args.prompt:
@@ -69,7 +94,9 @@ def main() -> None:
             jax.block_until_ready(logits)
             first_call = time.perf_counter() - start
         timing, state = decode_step_times(decode, params, state, logits, active, args.steps)
-        record = {"variant": name, "first_call_s": first_call, **timing}
+        device = device_ms(decode, params, state, token, active)
+        record = {"variant": name, "first_call_s": first_call, **timing, "device_step_ms": device["total_ms"],
+                  "device_top_kernels_ms": device["kernels_ms"]}
         records.append(record)
         print(record, flush=True)
     config_name = os.path.splitext(os.path.basename(args.config))[0]
