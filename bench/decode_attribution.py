@@ -7,8 +7,9 @@ Variants: auto, reference, auto without the MoE grouped GEMM, auto without the i
 kernel serves ≥ 128 queries, so batch-1 decode never uses it), and two experiments on XLA while loops, which on
 a GPU cost a host round trip per iteration: auto with the MoE tile schedule's binary search as a loop again
 (`searchsorted-loop`), and auto with mHC's Sinkhorn iterations unrolled (`sinkhorn-unrolled`). Each is timed per
-step (synchronised after every step), pipelined (32 steps, one synchronisation), and by device time per step
-(profiler trace: the kernels alone). Writes bench/results/decode-attribution-<device>-<prompt>.json.
+step (synchronised after every step), pipelined (32 steps, one synchronisation), and with --device-time by
+device time per step (profiler trace: the kernels alone; command buffers off). Writes
+bench/results/decode-attribution-<device>-<prompt>[-device-time].json.
 """
 
 from __future__ import annotations
@@ -74,8 +75,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--config", default=CONFIG)
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--device-time", action="store_true",
+                        help="also the device time per step; turns XLA's command buffers (CUDA graphs) off for "
+                             "every timing, which changes the wall times")
     args = parser.parse_args()
-    trace_every_kernel()
+    if args.device_time:
+        trace_every_kernel()
 
     config, graphdef, params, count, _ = build_model(args.config)
     records = []
@@ -94,13 +99,14 @@ def main() -> None:
             jax.block_until_ready(logits)
             first_call = time.perf_counter() - start
         timing, state = decode_step_times(decode, params, state, logits, active, args.steps)
-        device = device_ms(decode, params, state, token, active)
-        record = {"variant": name, "first_call_s": first_call, **timing, "device_step_ms": device["total_ms"],
-                  "device_top_kernels_ms": device["kernels_ms"]}
+        record = {"variant": name, "first_call_s": first_call, "command_buffers": not args.device_time, **timing}
+        if args.device_time:
+            device = device_ms(decode, params, state, token, active)
+            record.update(device_step_ms=device["total_ms"], device_top_kernels_ms=device["kernels_ms"])
         records.append(record)
         print(record, flush=True)
     config_name = os.path.splitext(os.path.basename(args.config))[0]
-    path = write_results(f"decode-attribution-{device_slug()}-{args.prompt}",
+    path = write_results(f"decode-attribution-{device_slug()}-{args.prompt}" + ("-device-time" * args.device_time),
                          {"config": config_name, "batch": 1, "prompt": args.prompt, "steps": args.steps,
                           "parameters": count}, records)
     print(f"wrote {path}")
