@@ -4,7 +4,7 @@ makes "auto" faster or slower than the pure-JAX reference.
     python3 bench/decode_attribution.py [--prompt 1024] [--steps 32]
 
 Variants: auto, reference, auto without the MoE grouped GEMM, auto without the indexer kernel (the attention
-kernel serves ≥ 128 queries, so batch-1 decode never uses it), and two experiments on XLA while loops, which on
+kernel serves ≥ 8 queries, so batch-1 decode never uses it), and two experiments on XLA while loops, which on
 a GPU cost a host round trip per iteration: auto with the MoE tile schedule's binary search as a loop again
 (`searchsorted-loop`), and auto with mHC's Sinkhorn iterations as a loop again (`sinkhorn-loop`). Each is timed per
 step (synchronised after every step), pipelined (32 steps, one synchronisation), and with --device-time by

@@ -106,6 +106,11 @@ def main() -> None:
     print(f"flash-slice: {count / 1e9:.2f} B parameters, built in {build_s:.1f} s", flush=True)
     implementations = args.implementations
     records = []
+    name = os.path.splitext(os.path.basename(args.config))[0]
+
+    def save():  # after every phase, so a run cut short by its time limit keeps what it measured
+        return write_results(f"model-forward-{device_slug()}", {"config": name, "dtype": "bfloat16",
+                                                                "parameters": count}, records)
     for length in args.lengths:
         ids = jax.random.randint(jax.random.key(length), (1, length), 0, config.vocab_size)
         num_new = jnp.array([length], jnp.int32)
@@ -130,6 +135,7 @@ def main() -> None:
                                 "seconds": seconds, "tokens_per_s": length / seconds})
                 print(f"{phase:8s} {length:6d} {implementation:9s} {seconds * 1e3:9.1f} ms  {length / seconds:9.0f} "
                       f"tok/s", flush=True)
+            save()
         if length <= args.fp32_truth and logits:
             truth = fp32_reference_logits(args.config, params, ids, num_new, length + args.decode_steps + 64)
             for implementation, value in logits.items():
@@ -148,6 +154,7 @@ def main() -> None:
             records.append(agreement)
             print(f"prefill {length}: kernels (auto) vs reference logits rel-L2 {agreement['logits_rel_l2']:.3e}, "
                   f"argmax agreement {agreement['argmax_agreement']:.3f}", flush=True)
+        save()
 
     # Decode at batch 1 after a 1k prompt: time per output token.
     prompt = 1024
@@ -166,11 +173,8 @@ def main() -> None:
                         "seconds_per_token": timing["median_step_ms"] / 1e3, **timing})
         print(f"decode batch 1 ctx {prompt} {implementation:9s} {timing['median_step_ms']:8.2f} ms/token "
               f"(pipelined {timing['pipelined_step_ms']:.2f})", flush=True)
-
-    name = os.path.splitext(os.path.basename(args.config))[0]
-    path = write_results(f"model-forward-{device_slug()}", {"config": name, "dtype": "bfloat16",
-                                                            "parameters": count}, records)
-    print(f"wrote {path}")
+        save()
+    print(f"wrote {save()}")
 
 
 if __name__ == "__main__":
