@@ -11,6 +11,7 @@ Attention decode (B=128 sequences, one query of 64 heads each, d=512, K=640 rows
 - XLA's gather of the same rows alone: the random-row bandwidth this GPU gives without any attention.
 MoE, one token (6 rows; bf16 and fp8 weights): device time of each grouped GEMM and of the glue around them
 (sort, gathers, scatter-add), and each GEMM under other block sizes.
+mHC at prefill width: the model's einsums at HIGHEST precision against one-fusion multiply-sums.
 
 Writes bench/results/kernel-limits-<device>.json.
 """
@@ -139,16 +140,66 @@ def moe_one_token(records, name, key, ceilings):
         del w1, w3, w2
 
 
+def mhc_formulations(records, name, key, ceilings):
+    """mHC at prefill width (4096 tokens, n=4 streams of D=4096, bf16 streams): the model's einsums at HIGHEST
+    precision against broadcast-multiply-sums (one fusion each) and bf16-split mixes, by device time."""
+    from dsv4jax.model import mhc
+    from dsv4jax.model.norm import inverse_rms
+
+    S, n, D = 4096, 4, 4096
+    ks = jax.random.split(key, 5)
+    streams = jax.random.normal(ks[0], (1, S, n, D), jnp.bfloat16)
+    fn = jax.random.normal(ks[1], ((2 + n) * n, n * D), jnp.float32) * 0.02
+    weights = jax.random.uniform(ks[2], (1, S, n), jnp.float32)
+    comb = jax.random.uniform(ks[3], (1, S, n, n), jnp.float32)
+    output = jax.random.normal(ks[4], (1, S, D), jnp.bfloat16)
+    post = weights * 2
+
+    def mixes_split(streams, fn):  # x (bf16) · fn as three exact bf16 products, fp32 accumulation
+        flat = streams.reshape(*streams.shape[:-2], -1)
+        hi = fn.astype(jnp.bfloat16)
+        mid = (fn - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+        lo = (fn - hi.astype(jnp.float32) - mid.astype(jnp.float32)).astype(jnp.bfloat16)
+        mixes = sum(jnp.einsum("...k,mk->...m", flat, part, preferred_element_type=jnp.float32)
+                    for part in (hi, mid, lo))
+        return mixes * inverse_rms(flat.astype(jnp.float32), 1e-6)
+
+    def collapse_sum(streams, weights):
+        return jnp.sum(weights[..., None] * streams.astype(jnp.float32), axis=-2).astype(streams.dtype)
+
+    def post_sum(output, residual, post, comb):
+        mixed = jnp.sum(comb[..., None] * residual.astype(jnp.float32)[..., :, None, :], axis=-3)
+        return (post[..., None] * output.astype(jnp.float32)[..., None, :] + mixed).astype(residual.dtype)
+
+    cases = {
+        "mixes: einsum HIGHEST": (lambda s, f: mhc.stream_mixes(s, f, 1e-6), (streams, fn)),
+        "mixes: three bf16 products": (mixes_split, (streams, fn)),
+        "collapse: einsum HIGHEST": (lambda s, w: mhc.collapse(s, w, jnp.bfloat16), (streams, weights)),
+        "collapse: multiply-sum": (collapse_sum, (streams, weights)),
+        "post: einsum HIGHEST": (mhc.HyperConnection.post, (output, streams, post, comb)),
+        "post: multiply-sum": (post_sum, (output, streams, post, comb)),
+    }
+    outputs = {}
+    for label, (fn_, args) in cases.items():
+        f = jax.jit(fn_)
+        outputs[label] = f(*args).astype(jnp.float32)
+        dev = device_ms(f, *args)
+        rec = {"part": "mhc", "case": label, "device_ms": dev["total_ms"], "device_kernels_ms": dev["kernels_ms"]}
+        first = next(k for k in outputs if k.split(":")[0] == label.split(":")[0])
+        rec["rel_l2_vs_" + first.split(":")[1].strip().replace(" ", "_")] = rel_l2(outputs[label], outputs[first])
+        _record(records, rec, name)
+
+
 def main():
     trace_every_kernel()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", nargs="*", default=["attention", "moe"], choices=["attention", "moe"])
+    parser.add_argument("--parts", nargs="*", default=["attention", "moe", "mhc"], choices=["attention", "moe", "mhc"])
     args = parser.parse_args()
     name = f"kernel-limits-{device_slug()}"
     ceilings = measure_ceilings()
     records = [{"part": "ceilings", **ceilings}]
     key = jax.random.key(int(time.time()))
-    for part, fn in (("attention", attention_decode), ("moe", moe_one_token)):
+    for part, fn in (("attention", attention_decode), ("moe", moe_one_token), ("mhc", mhc_formulations)):
         if part in args.parts:
             try:
                 fn(records, name, jax.random.fold_in(key, len(records)), ceilings)
