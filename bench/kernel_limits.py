@@ -141,8 +141,8 @@ def moe_one_token(records, name, key, ceilings):
 
 
 def mhc_formulations(records, name, key, ceilings):
-    """mHC at prefill width (4096 tokens, n=4 streams of D=4096, bf16 streams): the model's einsums at HIGHEST
-    precision against broadcast-multiply-sums (one fusion each) and bf16-split mixes, by device time."""
+    """mHC at prefill width (4096 tokens, n=4 streams of D=4096, bf16 streams): the model's functions against the
+    einsums at HIGHEST precision they replaced (commit 295e50c), by device time, with their agreement."""
     from dsv4jax.model import mhc
     from dsv4jax.model.norm import inverse_rms
 
@@ -155,39 +155,34 @@ def mhc_formulations(records, name, key, ceilings):
     output = jax.random.normal(ks[4], (1, S, D), jnp.bfloat16)
     post = weights * 2
 
-    def mixes_split(streams, fn):  # x (bf16) · fn as three exact bf16 products, fp32 accumulation
-        flat = streams.reshape(*streams.shape[:-2], -1)
-        hi = fn.astype(jnp.bfloat16)
-        mid = (fn - hi.astype(jnp.float32)).astype(jnp.bfloat16)
-        lo = (fn - hi.astype(jnp.float32) - mid.astype(jnp.float32)).astype(jnp.bfloat16)
-        mixes = sum(jnp.einsum("...k,mk->...m", flat, part, preferred_element_type=jnp.float32)
-                    for part in (hi, mid, lo))
-        return mixes * inverse_rms(flat.astype(jnp.float32), 1e-6)
+    def mixes_highest(streams, fn):
+        flat = streams.reshape(*streams.shape[:-2], -1).astype(jnp.float32)
+        mixes = jnp.einsum("...k,mk->...m", flat, fn, precision=jax.lax.Precision.HIGHEST)
+        return mixes * inverse_rms(flat, 1e-6)
 
-    def collapse_sum(streams, weights):
-        return jnp.sum(weights[..., None] * streams.astype(jnp.float32), axis=-2).astype(streams.dtype)
-
-    def post_sum(output, residual, post, comb):
-        mixed = jnp.sum(comb[..., None] * residual.astype(jnp.float32)[..., :, None, :], axis=-3)
+    def post_highest(output, residual, post, comb):
+        mixed = jnp.einsum("...jk,...jd->...kd", comb, residual.astype(jnp.float32),
+                           precision=jax.lax.Precision.HIGHEST)
         return (post[..., None] * output.astype(jnp.float32)[..., None, :] + mixed).astype(residual.dtype)
 
-    cases = {
-        "mixes: einsum HIGHEST": (lambda s, f: mhc.stream_mixes(s, f, 1e-6), (streams, fn)),
-        "mixes: three bf16 products": (mixes_split, (streams, fn)),
-        "collapse: einsum HIGHEST": (lambda s, w: mhc.collapse(s, w, jnp.bfloat16), (streams, weights)),
-        "collapse: multiply-sum": (collapse_sum, (streams, weights)),
-        "post: einsum HIGHEST": (mhc.HyperConnection.post, (output, streams, post, comb)),
-        "post: multiply-sum": (post_sum, (output, streams, post, comb)),
+    pairs = {
+        "mixes": ((mixes_highest, lambda s, f: mhc.stream_mixes(s, f, 1e-6)), (streams, fn)),
+        "collapse": ((lambda s, w: jnp.einsum("...n,...nd->...d", w, s.astype(jnp.float32),
+                                              precision=jax.lax.Precision.HIGHEST).astype(s.dtype),
+                      lambda s, w: mhc.collapse(s, w, jnp.bfloat16)), (streams, weights)),
+        "post": ((post_highest, mhc.HyperConnection.post), (output, streams, post, comb)),
     }
-    outputs = {}
-    for label, (fn_, args) in cases.items():
-        f = jax.jit(fn_)
-        outputs[label] = f(*args).astype(jnp.float32)
-        dev = device_ms(f, *args)
-        rec = {"part": "mhc", "case": label, "device_ms": dev["total_ms"], "device_kernels_ms": dev["kernels_ms"]}
-        first = next(k for k in outputs if k.split(":")[0] == label.split(":")[0])
-        rec["rel_l2_vs_" + first.split(":")[1].strip().replace(" ", "_")] = rel_l2(outputs[label], outputs[first])
-        _record(records, rec, name)
+    for label, ((old, new), args) in pairs.items():
+        outs = []
+        for variant, fn_ in (("einsum at HIGHEST (before)", old), ("model now", new)):
+            f = jax.jit(fn_)
+            outs.append(f(*args).astype(jnp.float32))
+            dev = device_ms(f, *args)
+            rec = {"part": "mhc", "case": f"{label}: {variant}", "device_ms": dev["total_ms"],
+                   "device_kernels_ms": dev["kernels_ms"]}
+            if len(outs) == 2:
+                rec["rel_l2_vs_before"] = rel_l2(outs[1], outs[0])
+            _record(records, rec, name)
 
 
 def main():

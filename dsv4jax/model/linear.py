@@ -7,16 +7,30 @@ from flax import nnx
 from dsv4jax.model.init import fan_in_normal, normal
 
 
-def matmul_fp32(x: jax.Array, weight: jax.Array) -> jax.Array:
-    """x @ weightᵀ computed in fp32 (ARCHITECTURE §2: compressor, gate, head).
+def bf16_parts(w: jax.Array) -> list[jax.Array]:
+    """fp32 w as three bf16 arrays whose sum is w exactly: each takes the next 8 significant bits, by truncation
+    of the bit pattern (not by casts, which XLA may drop as excess precision on GPUs)."""
+    parts, rest = [], w.astype(jnp.float32)
+    for _ in range(3):
+        part = jax.lax.bitcast_convert_type(
+            jax.lax.bitcast_convert_type(rest, jnp.uint32) & jnp.uint32(0xFFFF0000), jnp.float32)
+        parts.append(part.astype(jnp.bfloat16))  # exact: 8 significant bits
+        rest = rest - part  # exact: the bits truncated away
+    return parts
 
-    When both operands are bf16 (the checkpoint's weights and the bf16 model's activations), every product of two
-    bf16 values is exact in fp32, so a bf16 matmul with fp32 accumulation computes the upcast fp32 product up to
-    summation order, on tensor cores instead of fp32 CUDA cores (bench/results/profile-forward-*.json: the
-    compressor's fp32 GEMMs took 1.9 ms of a 4k prefill's layer). Otherwise both are upcast, HIGHEST so GPUs
-    skip TF32."""
-    if x.dtype == weight.dtype == jnp.bfloat16:
-        return jnp.einsum("...i,oi->...o", x, weight, preferred_element_type=jnp.float32)
+
+def matmul_fp32(x: jax.Array, weight: jax.Array) -> jax.Array:
+    """x @ weightᵀ computed in fp32 (ARCHITECTURE §2: compressor, gate, head, mHC mixes).
+
+    Every product of two bf16 values is exact in fp32, so with bf16 x the product is computed on tensor cores as
+    bf16 matmuls with fp32 accumulation, equal to the upcast fp32 product up to summation order: one matmul for a
+    bf16 weight, three for an fp32 weight split exactly into bf16 parts (`bf16_parts`). On the H100 the compressor's
+    fp32 GEMMs took 1.9 ms of a 4k prefill's layer, and mHC's mixes 0.29 ms against 0.11
+    (bench/results/profile-forward-*.json, kernel-limits-h100-80gb-hbm3-mhc.json). fp32 x takes the fp32 path at
+    HIGHEST precision, so GPUs skip TF32."""
+    if x.dtype == jnp.bfloat16 and weight.dtype in (jnp.bfloat16, jnp.float32):
+        parts = [weight] if weight.dtype == jnp.bfloat16 else bf16_parts(weight)
+        return sum(jnp.einsum("...i,oi->...o", x, part, preferred_element_type=jnp.float32) for part in parts)
     return jnp.einsum("...i,oi->...o", x.astype(jnp.float32), weight.astype(jnp.float32),
                       precision=jax.lax.Precision.HIGHEST)
 
