@@ -226,7 +226,7 @@ def benchmark(tokens=TOKENS, variants: bool = True, out_dir: str | None = None) 
                 rec.update(kernel_s=t_k, kernel_tflops=flops / t_k / 1e12, kernel_roofline=floor["floor_s"] / t_k)
                 rec.update(cfg1=dataclasses.asdict(kernel.default_config(padded, I, D, fused=True)),
                            cfg2=dataclasses.asdict(kernel.default_config(padded, D, I, fused=False)))
-                if variants and t in (1, 65536):
+                if variants and t in (1, 8192, 65536):
                     h, _ = kernels(x, gs, rw, w1, w3, w2, s1, s3, s2)
                     rec["variants"] = _variants(x, gs, rw, h, ws, rows, fp8)
                     del h
@@ -248,7 +248,7 @@ def benchmark(tokens=TOKENS, variants: bool = True, out_dir: str | None = None) 
             _log({k: (round(v, 6) if isinstance(v, float) else v) for k, v in rec.items() if k != "variants"})
             records.append(rec)
             if out_dir:
-                write_results(f"kernels-moe_gmm-{device_slug()}", _config(), records)
+                write_results(_name(), _config(), records)
         del ws, w1, w3, w2
     return records
 
@@ -257,7 +257,8 @@ def _variants(x, gs, rw, h, ws, rows, fp8):
     (w1, s1), (w3, s3), (w2, s2) = ws
     out = []
     configs = ((64, 64, 128, 4), (128, 64, 128, 3)) if fp8 else \
-        ((64, 64, 64, 6), (64, 128, 64, 6), (64, 64, 128, 4), (128, 64, 64, 4), (128, 128, 64, 4))
+        ((64, 64, 64, 6), (64, 128, 64, 6), (64, 64, 128, 4), (128, 64, 64, 4), (128, 64, 64, 6), (128, 128, 64, 4),
+         (128, 128, 64, 3))
     for bm, bn, bk, st in configs:
         r = {"block_m": bm, "block_n": bn, "block_k": bk, "stages": st}
         cfg = kernel.Config(bm, bn, bk, st)
@@ -277,6 +278,10 @@ def _variants(x, gs, rw, h, ws, rows, fp8):
     return out
 
 
+def _name():  # MOE_BENCH_SUFFIX: a partial run (some token counts) writes beside the full results
+    return f"kernels-moe_gmm-{device_slug()}" + os.environ.get("MOE_BENCH_SUFFIX", "")
+
+
 def _config():
     return {"experts": E, "top_k": TOP_K, "dim": D, "inter_dim": I, "tokens": list(TOKENS), "limit": LIMIT,
             "routing": "uniform random top-6 distinct experts", "timing": "median wall time, block_until_ready"}
@@ -286,7 +291,7 @@ if __name__ == "__main__":
     trace_every_kernel()
     toks = tuple(int(a) for a in sys.argv[1:]) or TOKENS
     recs = benchmark(toks, out_dir="results")
-    path = write_results(f"kernels-moe_gmm-{device_slug()}", _config(), recs)
+    path = write_results(_name(), _config(), recs)
     if os.environ.get("OUT"):
         import shutil
         shutil.copy(path, os.environ["OUT"])
