@@ -6,8 +6,7 @@ makes "auto" faster or slower than the pure-JAX reference.
 Variants: auto, reference, auto without the MoE grouped GEMM, auto without the indexer kernel (the attention
 kernel serves ≥ 8 queries, so batch-1 decode never uses it), and two experiments on XLA while loops, which on
 a GPU cost a host round trip per iteration: auto with the MoE tile schedule's binary search as a loop again
-(`searchsorted-loop`), and auto with mHC's Sinkhorn iterations as a loop again (`sinkhorn-loop`) or unrolled with
-reductions over the 4 streams instead of adds (`sinkhorn-reduce`). Each is timed per
+(`searchsorted-loop`), and auto with mHC's Sinkhorn iterations as a loop again (`sinkhorn-loop`). Each is timed per
 step (synchronised after every step), pipelined (32 steps, one synchronisation), and with --device-time by
 device time per step (profiler trace: the kernels alone; command buffers off). Writes
 bench/results/decode-attribution-<device>-<prompt>[-device-time].json.
@@ -46,25 +45,15 @@ def _looped_sinkhorn(logits, iters, eps):  # the model's Sinkhorn before it was 
     return jax.lax.fori_loop(0, iters - 1, normalise, c)
 
 
-def _reduce_sinkhorn(logits, iters, eps):  # unrolled with reductions (commits 713b196 to 9bfad4d)
-    c = jax.nn.softmax(logits, axis=-1) + eps
-    c = c / (jnp.sum(c, axis=-2, keepdims=True) + eps)
-    for _ in range(iters - 1):
-        c = c / (jnp.sum(c, axis=-1, keepdims=True) + eps)
-        c = c / (jnp.sum(c, axis=-2, keepdims=True) + eps)
-    return c
-
-
 PATCHES = {  # variant patch -> (module, attribute, replacement), set while the variant is traced
     "no-moe": (moe_package, "kernel_supported", lambda *args: False),
     "no-indexer": (indexer_package, "_use_kernel", lambda *args: False),
     "searchsorted-loop": (moe_kernel, "SEARCH_METHOD", "scan"),
     "sinkhorn-loop": (mhc, "sinkhorn", _looped_sinkhorn),
-    "sinkhorn-reduce": (mhc, "sinkhorn", _reduce_sinkhorn),
 }
 VARIANTS = {"auto": ("auto", None), "reference": ("reference", None), "auto-no-moe": ("auto", "no-moe"),
             "auto-no-indexer": ("auto", "no-indexer"), "auto-searchsorted-loop": ("auto", "searchsorted-loop"),
-            "auto-sinkhorn-loop": ("auto", "sinkhorn-loop"), "auto-sinkhorn-reduce": ("auto", "sinkhorn-reduce")}
+            "auto-sinkhorn-loop": ("auto", "sinkhorn-loop")}
 
 
 @contextlib.contextmanager

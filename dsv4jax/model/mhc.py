@@ -4,8 +4,6 @@ All mixing math is fp32 (§2). A block keeps X of shape [B, S, n, D]; `HyperConn
 the sub-layer input and returns the mixing coefficients that `post` uses to expand the output again.
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -15,24 +13,17 @@ from dsv4jax.model.linear import matmul_fp32
 from dsv4jax.model.norm import inverse_rms
 
 
-def _sum_small(x: jax.Array, axis: int) -> jax.Array:
-    """Σ over a short axis (n = 4 streams) as explicit adds, kept: unlike a reduce, which ends an XLA fusion,
-    adds let the whole Sinkhorn chain fuse."""
-    parts = [jax.lax.index_in_dim(x, i, axis % x.ndim, keepdims=True) for i in range(x.shape[axis])]
-    return functools.reduce(jnp.add, parts)
-
-
 def sinkhorn(logits: jax.Array, iters: int, eps: float) -> jax.Array:
     """§4.2: row softmax (+eps), column normalisation, then (iters-1) × (row, column) normalisations."""
     c = jax.nn.softmax(logits, axis=-1) + eps
-    c = c / (_sum_small(c, -2) + eps)
+    c = c / (jnp.sum(c, axis=-2, keepdims=True) + eps)
     # Unrolled, not a lax loop: on a GPU each XLA while-loop iteration waits for the host. Batch-1 decode of
     # flash-slice on the H100: 4.90 ms per step with the loop against 3.85 unrolled (pipelined 6.84 vs 1.96;
     # bench/results/decode-attribution-h100-80gb-hbm3-0-loops.json), and 7.48 vs 4.79 in a second run (-0.json).
     # The price is compile time: the first decode call took 22 s instead of 16 s.
     for _ in range(iters - 1):
-        c = c / (_sum_small(c, -1) + eps)
-        c = c / (_sum_small(c, -2) + eps)
+        c = c / (jnp.sum(c, axis=-1, keepdims=True) + eps)
+        c = c / (jnp.sum(c, axis=-2, keepdims=True) + eps)
     return c
 
 
