@@ -20,7 +20,8 @@ def sinkhorn(logits: jax.Array, iters: int, eps: float) -> jax.Array:
     # Unrolled, not a lax loop: on a GPU each XLA while-loop iteration waits for the host. Batch-1 decode of
     # flash-slice on the H100: 4.90 ms per step with the loop against 3.85 unrolled (pipelined 6.84 vs 1.96;
     # bench/results/decode-attribution-h100-80gb-hbm3-0-loops.json), and 7.48 vs 4.79 in a second run (-0.json).
-    # The price is compile time: the first decode call took 22 s instead of 16 s.
+    # The price is compile time: the first decode call took 22 s instead of 16 s. (Sums as explicit adds, to fuse
+    # the chain, made that call run past 200 s on the H100 at commit 7737a7b: keep the reductions.)
     for _ in range(iters - 1):
         c = c / (jnp.sum(c, axis=-1, keepdims=True) + eps)
         c = c / (jnp.sum(c, axis=-2, keepdims=True) + eps)
