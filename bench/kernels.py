@@ -1,5 +1,5 @@
 """All kernel benchmarks in one call: each op's `benchmark()` (checks on the GPU, then times the Pallas kernel
-against the XLA reference with both ceilings measured in the same run), gathered into
+against the XLA reference with both ceilings measured in the same run, by device time), gathered into
 bench/results/kernels-<device>.json. Each op also writes its own file.
 
     python3 bench/kernels.py [sparse_attention indexer_topk moe_gmm]
@@ -14,12 +14,13 @@ import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import device_slug, write_results  # noqa: E402
+from bench.common import device_slug, trace_every_kernel, write_results  # noqa: E402
 
 OPS = ("sparse_attention", "indexer_topk", "moe_gmm")
 
 
 def main(ops=OPS) -> None:
+    trace_every_kernel()  # the benchmarks time by device (profiler trace)
     records = []
     for op in ops:
         try:

@@ -120,7 +120,12 @@ def check_small(key):
     return records
 
 
-def benchmark(prefill_lengths, decode_shapes, name, splits=None) -> list[dict]:
+PREFILL_LENGTHS = (4096, 16384, 65536)
+DECODE_SHAPES = tuple((b, c) for c in (4096, 131072) for b in (1, 8, 32, 128))
+
+
+def benchmark(prefill_lengths=PREFILL_LENGTHS, decode_shapes=DECODE_SHAPES, name=None, splits=None) -> list[dict]:
+    name = name or f"kernels-sparse_attention-{device_slug()}"
     ceilings = measure_ceilings()
     print(f"ceilings: matmul {ceilings['matmul_tflops']:.0f} TFLOP/s, copy {ceilings['copy_tbps']:.2f} TB/s", flush=True)
     key = jax.random.key(int(time.time()))
@@ -196,8 +201,8 @@ def benchmark(prefill_lengths, decode_shapes, name, splits=None) -> list[dict]:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prefill", type=int, nargs="*", default=[4096, 16384, 65536], help="prefill lengths")
-    parser.add_argument("--decode", nargs="*", default=[f"{b}:{c}" for c in (4096, 131072) for b in (1, 8, 32, 128)],
+    parser.add_argument("--prefill", type=int, nargs="*", default=list(PREFILL_LENGTHS), help="prefill lengths")
+    parser.add_argument("--decode", nargs="*", default=[f"{b}:{c}" for b, c in DECODE_SHAPES],
                         help="decode shapes as batch:context")
     parser.add_argument("--splits", type=int, default=None,
                         help="CTAs per token over K for every timed shape (default: the kernel's default_splits)")
