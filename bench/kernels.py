@@ -29,7 +29,8 @@ def main(ops=OPS) -> None:
         except Exception as error:  # one op failing must not lose the others' figures
             traceback.print_exc()
             records.append({"op": op, "error": f"{type(error).__name__}: {str(error)[:500]}"})
-    path = write_results(f"kernels-{device_slug()}", {"ops": list(ops)}, records)
+        # after every op, so a call cut short by its time limit keeps the ops it finished
+        path = write_results(f"kernels-{device_slug()}", {"ops": list(ops)}, records)
     print(f"wrote {path}")
 
 
