@@ -91,9 +91,8 @@ def attention_decode(records, name, key, ceilings):
 
 
 def moe_one_token(records, name, key, ceilings):
-    from bench.kernels_moe_gmm import D as MD, I as MI, LIMIT, TOP_K, _weights
+    from bench.kernels_moe_gmm import D as MD, I as MI, LIMIT, TOP_K, _variants, _weights
     from dsv4jax.pallas.moe_gmm import routed_experts_pallas, routed_experts_reference
-    from dsv4jax.pallas.moe_gmm import kernel as gmm
 
     for fp8 in (False, True):
         (w1, s1), (w3, s3), (w2, s2) = _weights(jax.random.fold_in(key, 1 + fp8), fp8)
@@ -119,23 +118,12 @@ def moe_one_token(records, name, key, ceilings):
         rw = jnp.pad(weights[0], (0, rows - TOP_K))
         h = jax.random.normal(jax.random.fold_in(key, 7), (rows, MI), jnp.bfloat16)
         # block_n 32 faults on the H100 (misaligned address, which poisons the process; `kernel.supported` refuses it)
-        for bm, bn, bk, st in ((64, 64, 64, 6), (64, 64, 64, 8), (64, 64, 128, 4), (64, 128, 64, 4),
-                               (128, 64, 64, 6)):
-            cfg = gmm.Config(bm, bn, bk, st)
-            rec = {"part": "moe_one_token", "weights": label, "case": "layer sweep", "block_m": bm, "block_n": bn,
-                   "block_k": bk, "stages": st}
-            layers = (("layer1", lambda x, gs, rw, w1, w3, s1, s3, cfg=cfg: gmm.grouped_matmul_swiglu(
-                           x, w1, w3, gs, rw, LIMIT, s1, s3, cfg=cfg), (xs, gs, rw, w1, w3, s1, s3), 2 * MD * MI),
-                      ("layer2", lambda h, gs, w2, s2, cfg=cfg: gmm.grouped_matmul(h, w2, gs, s2, cfg=cfg),
-                       (h, gs, w2, s2), MD * MI))
-            for lname, fn, args, weight_elems in layers:
-                try:
-                    dev = device_ms(jax.jit(fn), *args)
-                    rec[lname + "_ms"] = dev["total_ms"]
-                    rec[lname + "_kernels_ms"] = dev["kernels_ms"]
-                    rec[lname + "_weight_tbps"] = TOP_K * weight_elems * wbytes / dev["total_ms"] / 1e9
-                except Exception as e:  # noqa: BLE001 (a block shape the kernel cannot lower: recorded)
-                    rec[lname + "_error"] = repr(e)[:300]
+        sweep = ((64, 64, 64, 6), (64, 64, 64, 8), (64, 64, 128, 4), (64, 128, 64, 4), (128, 64, 64, 6))
+        for variant in _variants(xs, gs, rw, h, ((w1, s1), (w3, s3), (w2, s2)), TOP_K, fp8, sweep):
+            rec = {"part": "moe_one_token", "weights": label, "case": "layer sweep", **variant}
+            for layer, weight_elems in (("layer1", 2 * MD * MI), ("layer2", MD * MI)):
+                if layer + "_s" in variant:
+                    rec[layer + "_weight_tbps"] = TOP_K * weight_elems * wbytes / variant[layer + "_s"] / 1e12
             _record(records, rec, name)
         del w1, w3, w2
 

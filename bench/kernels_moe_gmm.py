@@ -253,13 +253,17 @@ def benchmark(tokens=TOKENS, variants: bool = True, out_dir: str | None = None) 
     return records
 
 
-def _variants(x, gs, rw, h, ws, rows, fp8):
+VARIANTS_BF16 = ((64, 64, 64, 6), (64, 128, 64, 6), (64, 64, 128, 4), (128, 64, 64, 4), (128, 64, 64, 6),
+                 (128, 128, 64, 4), (128, 128, 64, 3))
+VARIANTS_FP8 = ((64, 64, 128, 4), (128, 64, 128, 3))
+
+
+def _variants(x, gs, rw, h, ws, rows, fp8, configs=None):
+    """Each grouped GEMM alone under other (block_m, block_n, block_k, stages), by device time; a configuration the
+    kernel cannot lower is recorded as an error."""
     (w1, s1), (w3, s3), (w2, s2) = ws
     out = []
-    configs = ((64, 64, 128, 4), (128, 64, 128, 3)) if fp8 else \
-        ((64, 64, 64, 6), (64, 128, 64, 6), (64, 64, 128, 4), (128, 64, 64, 4), (128, 64, 64, 6), (128, 128, 64, 4),
-         (128, 128, 64, 3))
-    for bm, bn, bk, st in configs:
+    for bm, bn, bk, st in configs or (VARIANTS_FP8 if fp8 else VARIANTS_BF16):
         r = {"block_m": bm, "block_n": bn, "block_k": bk, "stages": st}
         cfg = kernel.Config(bm, bn, bk, st)
         # Weights are arguments, never closed over: a closure would embed gigabytes of constants in the program.
@@ -269,8 +273,9 @@ def _variants(x, gs, rw, h, ws, rows, fp8):
         for name, fn, args, fl in (("layer1", l1, (x, gs, rw, w1, w3, s1, s3), rows * 4 * D * I),
                                    ("layer2", l2, (h, gs, w2, s2), rows * 2 * D * I)):
             try:
-                s = device_ms(fn, *args)["total_ms"] / 1e3
-                r[name + "_s"], r[name + "_tflops"] = s, fl / s / 1e12
+                dev = device_ms(fn, *args)
+                s = dev["total_ms"] / 1e3
+                r[name + "_s"], r[name + "_tflops"], r[name + "_kernels_ms"] = s, fl / s / 1e12, dev["kernels_ms"]
             except Exception as e:  # noqa: BLE001
                 r[name + "_error"] = repr(e)[:200]
         _log("variant", r)
