@@ -129,7 +129,7 @@ def benchmark(prefill_lengths=PREFILL_LENGTHS, decode_shapes=DECODE_SHAPES, name
     ceilings = measure_ceilings()
     print(f"ceilings: matmul {ceilings['matmul_tflops']:.0f} TFLOP/s, copy {ceilings['copy_tbps']:.2f} TB/s", flush=True)
     key = jax.random.key(int(time.time()))
-    records = [{"kind": "check", **r} for r in check_small(jax.random.fold_in(key, 99))]
+    records = [{"kind": "ceilings", **ceilings}] + [{"kind": "check", **r} for r in check_small(jax.random.fold_in(key, 99))]
     reference = jax.jit(lambda *a: sparse_attention_reference(*a, SCALE))
 
     def run(kind, label, q, kv, idx, sink, ref_fits, iters):

@@ -62,17 +62,21 @@ def test_tile_schedule_covers_every_row_once():
         sched = np.asarray(kernel.tile_schedule(jnp.asarray(sizes), m, bm))
         assert sched.shape[1] == kernel.max_tiles(m, len(sizes), bm)
         owner = np.full(m, -1)
+        m_pad = -(-m // bm) * bm
         for t in range(sched[4, 0]):
-            g, blk, lo, hi = sched[:4, t]
-            assert 0 <= lo < hi <= bm
-            rows = np.arange(blk * bm + lo, blk * bm + hi)
+            g, row, lo, hi = sched[:4, t]
+            assert 0 <= lo < hi <= bm and 0 <= row <= m_pad - bm
+            rows = np.arange(row + lo, row + hi)
             assert np.all(owner[rows] == -1)
             owner[rows] = g
         assert np.all(sched[2:4, sched[4, 0]:] == 0)
         assert np.array_equal(owner, np.repeat(np.arange(len(sizes)), sizes))
+        # one tile per started block_m rows of each group: no tile is shared with a neighbouring group
+        assert sched[4, 0] == sum(-(-size // bm) for size in sizes)
 
 
-@pytest.mark.parametrize("sizes", [[37, 0, 50, 0, 13], [0, 0, 150, 0]], ids=["zero_groups_odd_rows", "one_group"])
+@pytest.mark.parametrize("sizes", [[37, 0, 50, 0, 13], [0, 0, 150, 0], [37, 150, 13]],
+                         ids=["zero_groups_odd_rows", "one_group", "unaligned_group_of_three_tiles"])
 def test_grouped_matmul(sizes, interp):
     sizes, x, w1, _, _ = _inputs(sizes, 128, 128)
     out = moe_gmm.grouped_matmul(x, w1, sizes, cfg=CFG, interpret=interp)

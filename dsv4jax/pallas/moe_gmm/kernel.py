@@ -4,10 +4,13 @@ Rows of the left operand are sorted by group (expert): row r belongs to group g 
 cumsum(sizes)[g-1] <= r < cumsum(sizes)[g]. Weights are in checkpoint layout [G, N, K] (contract over the last
 axis), bf16 or float8_e4m3fn with 128x128 UE8M0 block scales.
 
-Work decomposition (all computed in plain JAX before the kernel, `tile_schedule`): the rows are cut into
-block_m-aligned row blocks; a (group, row block) pair with at least one row of the group is a *tile*. There are at
-most cdiv(M, block_m) + G - 1 tiles and at most M, so the static bound is tight in every regime (decode: ~one tile
-per touched expert; prefill: ~M / block_m). Each tile is computed for all N / block_n column blocks. The kernel
+Work decomposition (all computed in plain JAX before the kernel, `tile_schedule`): each group's rows are cut into
+block_m-row *tiles* starting at the group's first row, so a tile never spends its rows on a neighbouring group
+(a group of 192 rows is two tiles wherever it starts; cut at global block_m boundaries, it was often three, each
+streaming the expert's weights). There are sum cdiv(size, block_m) <= cdiv(M, block_m) + G - 1 tiles and at most
+M, so the static bound is tight in every regime (decode: one tile per touched expert; prefill: ~M / block_m). A
+tile is TMA-loaded from its first row (an element offset, `pl.Element`), moved back where it would pass the padded
+end. Each tile is computed for all N / block_n column blocks. The kernel
 is persistent: one CTA per SM walks the flattened (tile, column block) work list, whose length is read from
 memory at run time, so empty groups and unused tiles cost nothing. For each work item the K loop is a
 multi-stage TMA -> wgmma pipeline (`plgpu.emit_pipeline`); the epilogue rounds the fp32 accumulators, applies
@@ -71,27 +74,29 @@ SEARCH_METHOD = "compare_all"
 
 
 def tile_schedule(group_sizes: jax.Array, m: int, block_m: int) -> jax.Array:
-    """int32 [5, max_tiles]: per tile its group, row block, first and end row within the block; [4, 0] holds the
-    number of valid tiles. Tiles are ordered by group then row block; invalid tiles have first == end == 0."""
+    """int32 [5, max_tiles]: per tile its group, the first row it loads, and the first and end row of its group
+    within those block_m rows; [4, 0] holds the number of valid tiles. Tiles are ordered by group then position;
+    invalid tiles have first == end == 0."""
     sizes = group_sizes.astype(jnp.int32)
     groups = sizes.shape[0]
     ends = jnp.cumsum(sizes)
     starts = ends - sizes
-    first = starts // block_m
-    last = (ends - 1) // block_m
-    count = jnp.where(sizes > 0, last - first + 1, 0)
+    count = -(-sizes // block_m)
     cum = jnp.cumsum(count)
     total = cum[-1]
     t = jnp.arange(max_tiles(m, groups, block_m), dtype=jnp.int32)
     g = jnp.minimum(jnp.searchsorted(cum, t, side="right", method=SEARCH_METHOD), groups - 1).astype(jnp.int32)
-    block = first[g] + t - (cum[g] - count[g])
-    lo = jnp.clip(starts[g] - block * block_m, 0, block_m)
-    hi = jnp.clip(ends[g] - block * block_m, 0, block_m)
+    first = starts[g] + (t - (cum[g] - count[g])) * block_m
+    rows = jnp.minimum(ends[g] - first, block_m)
+    # The kernel reads block_m rows from `row`: a group's last tile near the end of the padded rows starts earlier.
+    m_pad = -(-m // block_m) * block_m
+    row = jnp.minimum(first, m_pad - block_m)
+    lo = first - row
     valid = t < total
     zero = jnp.zeros_like(t)
-    rows = [jnp.where(valid, g, zero), jnp.where(valid, block, zero), jnp.where(valid, lo, zero),
-            jnp.where(valid, hi, zero), zero.at[0].set(total)]
-    return jnp.stack(rows).astype(jnp.int32)
+    out = [jnp.where(valid, g, zero), jnp.where(valid, row, zero), jnp.where(valid, lo, zero),
+           jnp.where(valid, lo + rows, zero), zero.at[0].set(total)]
+    return jnp.stack(out).astype(jnp.int32)
 
 
 def _kernel(*, m_pad: int, n: int, k: int, n_weights: int, fp8: bool, swiglu: bool, limit: float,
@@ -133,11 +138,11 @@ def _kernel(*, m_pad: int, n: int, k: int, n_weights: int, fp8: bool, swiglu: bo
                 t = lax.div(li, n_blocks)
                 ni = lax.rem(li, n_blocks)
                 g = sched_ref[0, t]
-                blk = sched_ref[1, t]
+                row = sched_ref[1, t]
                 lo = sched_ref[2, t]
                 hi = sched_ref[3, t]
                 if swiglu:
-                    plgpu.copy_gmem_to_smem(rw_ref.at[pl.ds(blk * bm, bm)], rw_smem, rw_barrier)
+                    plgpu.copy_gmem_to_smem(rw_ref.at[pl.ds(row, bm)], rw_smem, rw_barrier)
 
                 def mma_step(idxs, x_smem, *w_smems, accs):
                     if not fp8:
@@ -161,7 +166,7 @@ def _kernel(*, m_pad: int, n: int, k: int, n_weights: int, fp8: bool, swiglu: bo
                     plgpu.wgmma_wait(n_weights)
 
                 def acc_scope(*accs):
-                    in_specs = [plgpu.BlockSpec((bm, bk), lambda kk: (blk, kk), delay_release=1)]
+                    in_specs = [plgpu.BlockSpec((pl.Element(bm), bk), lambda kk: (row, kk), delay_release=1)]
                     w_block, w_index = ((bk, bn), lambda kk: (kk, ni)) if rhs_kn else ((bn, bk), lambda kk: (ni, kk))
                     in_specs += [plgpu.BlockSpec(w_block, w_index, delay_release=0 if fp8 else 1)
                                  for _ in range(n_weights)]
@@ -193,7 +198,7 @@ def _kernel(*, m_pad: int, n: int, k: int, n_weights: int, fp8: bool, swiglu: bo
                     def _store(start=start, rows=rows):
                         plgpu.copy_smem_to_gmem(
                             o_smem.at[pl.ds(start, rows)],
-                            out_ref.at[pl.ds(blk * bm + start, rows), pl.ds(ni * bn, bn)])
+                            out_ref.at[pl.ds(row + start, rows), pl.ds(ni * bn, bn)])
                     start = start + (count & rows)
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
