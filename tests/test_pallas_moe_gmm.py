@@ -65,14 +65,16 @@ def test_tile_schedule_covers_every_row_once():
         m_pad = -(-m // bm) * bm
         for t in range(sched[4, 0]):
             g, row, lo, hi = sched[:4, t]
-            assert 0 <= lo < hi <= bm and 0 <= row <= m_pad - bm
+            assert 0 <= lo < hi <= bm and 0 <= row <= m_pad - bm and row % kernel.ROW_ALIGN == 0
             rows = np.arange(row + lo, row + hi)
             assert np.all(owner[rows] == -1)
             owner[rows] = g
         assert np.all(sched[2:4, sched[4, 0]:] == 0)
         assert np.array_equal(owner, np.repeat(np.arange(len(sizes)), sizes))
-        # one tile per started block_m rows of each group: no tile is shared with a neighbouring group
-        assert sched[4, 0] == sum(-(-size // bm) for size in sizes)
+        # one tile per started block_m rows of each group, counted from its first row rounded down to ROW_ALIGN
+        starts = np.cumsum(sizes) - sizes
+        assert sched[4, 0] == sum(-(-(size + start % kernel.ROW_ALIGN) // bm) for size, start in zip(sizes, starts)
+                                  if size)
 
 
 @pytest.mark.parametrize("sizes", [[37, 0, 50, 0, 13], [0, 0, 150, 0], [37, 150, 13]],
@@ -124,3 +126,26 @@ def test_routed_experts_dispatch(interp):
     assert _rel(got, ref) <= TOL
     with P.use("reference"):
         assert _rel(moe_gmm.routed_experts(x, experts, weights, w1, w3, w2, 1.5), ref) == 0.0
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("rows", [6, 6144], ids=["decode_config", "prefill_config"])
+def test_kernels_lower_for_the_gpu(rows, fp8):
+    """Mosaic GPU lowering (layout inference included) runs on the CPU: a kernel that the interpreter accepts but
+    the GPU compiler would refuse fails here, not on the device. Default configs, V4-Flash widths."""
+    experts, inter, dim = 8, 2048, 4096
+    spec = jax.ShapeDtypeStruct
+    weight = jnp.float8_e4m3fn if fp8 else jnp.bfloat16
+
+    def scale(n, k):
+        return spec((experts, n // 128, k // 128), jnp.float8_e8m0fnu) if fp8 else None
+
+    def layers(x, sizes, row_weights, w13, w2, s13, s2):
+        h = kernel.grouped_matmul_swiglu(x, w13, w13, sizes, row_weights, 10.0, s13, s13)
+        return kernel.grouped_matmul(h, w2, sizes, s2)
+
+    args = (spec((rows, dim), jnp.bfloat16), spec((experts,), jnp.int32), spec((rows,), jnp.float32),
+            spec((experts, inter, dim), weight), spec((experts, dim, inter), weight), scale(inter, dim),
+            scale(dim, inter))
+    text = jax.jit(layers).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("mosaic_gpu") >= 2  # both kernels

@@ -5,12 +5,11 @@ cumsum(sizes)[g-1] <= r < cumsum(sizes)[g]. Weights are in checkpoint layout [G,
 axis), bf16 or float8_e4m3fn with 128x128 UE8M0 block scales.
 
 Work decomposition (all computed in plain JAX before the kernel, `tile_schedule`): each group's rows are cut into
-block_m-row *tiles* starting at the group's first row, so a tile never spends its rows on a neighbouring group
-(a group of 192 rows is two tiles wherever it starts; cut at global block_m boundaries, it was often three, each
-streaming the expert's weights). There are sum cdiv(size, block_m) <= cdiv(M, block_m) + G - 1 tiles and at most
-M, so the static bound is tight in every regime (decode: one tile per touched expert; prefill: ~M / block_m). A
-tile is TMA-loaded from its first row (an element offset, `pl.Element`), moved back where it would pass the padded
-end. Each tile is computed for all N / block_n column blocks. The kernel
+block_m-row *tiles* from its first row (rounded down to a multiple of 8 for the TMA), so a tile spends almost no
+rows on a neighbouring group: a group of 192 rows is two tiles wherever it starts (cut at global block_m
+boundaries, it was often three, each streaming the expert's weights). There are at most cdiv(M, block_m) + G - 1
+tiles and at most M, so the static bound is tight in every regime (decode: one tile per touched expert; prefill:
+~M / block_m). Each tile is computed for all N / block_n column blocks. The kernel
 is persistent: one CTA per SM walks the flattened (tile, column block) work list, whose length is read from
 memory at run time, so empty groups and unused tiles cost nothing. For each work item the K loop is a
 multi-stage TMA -> wgmma pipeline (`plgpu.emit_pipeline`); the epilogue rounds the fp32 accumulators, applies
@@ -73,29 +72,36 @@ def max_tiles(m: int, groups: int, block_m: int) -> int:
 SEARCH_METHOD = "compare_all"
 
 
+# A tile's rows are TMA-loaded into shared memory tiled in 8-row groups; Mosaic GPU lowers the load only from a row
+# offset it knows to be a multiple of 8 (from any other offset, layout inference fails).
+ROW_ALIGN = 8
+
+
 def tile_schedule(group_sizes: jax.Array, m: int, block_m: int) -> jax.Array:
-    """int32 [5, max_tiles]: per tile its group, the first row it loads, and the first and end row of its group
-    within those block_m rows; [4, 0] holds the number of valid tiles. Tiles are ordered by group then position;
-    invalid tiles have first == end == 0."""
+    """int32 [5, max_tiles]: per tile its group, the first of the block_m rows it loads (a multiple of ROW_ALIGN),
+    and the first and end row of its group within those rows; [4, 0] holds the number of valid tiles. A group's
+    tiles start at its first row rounded down to ROW_ALIGN, so they hold (nearly) only its rows. Tiles are ordered
+    by group then position; invalid tiles have first == end == 0."""
     sizes = group_sizes.astype(jnp.int32)
     groups = sizes.shape[0]
     ends = jnp.cumsum(sizes)
     starts = ends - sizes
-    count = -(-sizes // block_m)
+    base = starts // ROW_ALIGN * ROW_ALIGN
+    count = jnp.where(sizes > 0, -(-(ends - base) // block_m), 0)
     cum = jnp.cumsum(count)
     total = cum[-1]
     t = jnp.arange(max_tiles(m, groups, block_m), dtype=jnp.int32)
     g = jnp.minimum(jnp.searchsorted(cum, t, side="right", method=SEARCH_METHOD), groups - 1).astype(jnp.int32)
-    first = starts[g] + (t - (cum[g] - count[g])) * block_m
-    rows = jnp.minimum(ends[g] - first, block_m)
-    # The kernel reads block_m rows from `row`: a group's last tile near the end of the padded rows starts earlier.
+    tile_start = base[g] + (t - (cum[g] - count[g])) * block_m
+    # The kernel reads block_m rows: a tile near the end of the padded rows is read from further back.
     m_pad = -(-m // block_m) * block_m
-    row = jnp.minimum(first, m_pad - block_m)
-    lo = first - row
+    row = jnp.minimum(tile_start, m_pad - block_m)
+    lo = jnp.maximum(starts[g], tile_start) - row
+    hi = jnp.minimum(ends[g], tile_start + block_m) - row
     valid = t < total
     zero = jnp.zeros_like(t)
     out = [jnp.where(valid, g, zero), jnp.where(valid, row, zero), jnp.where(valid, lo, zero),
-           jnp.where(valid, lo + rows, zero), zero.at[0].set(total)]
+           jnp.where(valid, hi, zero), zero.at[0].set(total)]
     return jnp.stack(out).astype(jnp.int32)
 
 
@@ -138,7 +144,7 @@ def _kernel(*, m_pad: int, n: int, k: int, n_weights: int, fp8: bool, swiglu: bo
                 t = lax.div(li, n_blocks)
                 ni = lax.rem(li, n_blocks)
                 g = sched_ref[0, t]
-                row = sched_ref[1, t]
+                row = pl.multiple_of(sched_ref[1, t], ROW_ALIGN)
                 lo = sched_ref[2, t]
                 hi = sched_ref[3, t]
                 if swiglu:
@@ -166,7 +172,7 @@ def _kernel(*, m_pad: int, n: int, k: int, n_weights: int, fp8: bool, swiglu: bo
                     plgpu.wgmma_wait(n_weights)
 
                 def acc_scope(*accs):
-                    in_specs = [plgpu.BlockSpec((pl.Element(bm), bk), lambda kk: (row, kk), delay_release=1)]
+                    in_specs = [plgpu.BlockSpec((bm, bk), lambda kk: (0, kk), delay_release=1)]
                     w_block, w_index = ((bk, bn), lambda kk: (kk, ni)) if rhs_kn else ((bn, bk), lambda kk: (ni, kk))
                     in_specs += [plgpu.BlockSpec(w_block, w_index, delay_release=0 if fp8 else 1)
                                  for _ in range(n_weights)]
@@ -174,7 +180,7 @@ def _kernel(*, m_pad: int, n: int, k: int, n_weights: int, fp8: bool, swiglu: bo
                         lambda idxs, x_smem, *w_smems: mma_step(idxs, x_smem, *w_smems, accs=accs),
                         grid=(k_steps,), in_specs=in_specs,
                         max_concurrent_steps=cfg.max_concurrent_steps,
-                    )(x_ref, *[w.at[g] for w in w_refs])
+                    )(x_ref.at[pl.ds(row, bm)], *[w.at[g] for w in w_refs])
                     return tuple(acc[...] for acc in accs)
 
                 accs = pl.run_scoped(acc_scope, *[plgpu.ACC((bm, bn)) for _ in range(n_weights)])
