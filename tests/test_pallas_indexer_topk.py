@@ -172,3 +172,14 @@ def test_sort_selection_equals_top_k():
         x[0] = np.where(np.arange(shape[-1]) < 20, x[0], -np.inf)          # fewer visible rows than k
         np.testing.assert_array_equal(np.asarray(_select_sorted(jnp.asarray(x), k)),
                                       np.asarray(_select(jnp.asarray(x), k)))
+
+
+@pytest.mark.parametrize("b,s,n", [(1, 4096, 1024), (32, 1, 32768)], ids=["prefill", "decode"])
+def test_kernel_lowers_for_the_gpu(b, s, n):
+    """Mosaic GPU lowering (layout inference included) on the CPU, at V4-Flash indexer widths (64 heads x 128):
+    what the interpreter accepts but the GPU compiler would refuse fails here, not on the device."""
+    spec = jax.ShapeDtypeStruct
+    args = (spec((b, s, 64, 128), jnp.bfloat16), spec((b, s, 64), jnp.float32), spec((b, n, 128), jnp.bfloat16),
+            spec((b, s), jnp.int32))
+    text = jax.jit(indexer_scores).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
