@@ -33,6 +33,7 @@ MESHES = {
     "cp4-round-robin": ("cp=4", {}),
     "cp4-zigzag": ("cp=4", {"cp_mode": "zigzag"}),
     "cp8": ("cp=8", {}),
+    "cp8-zigzag": ("cp=8", {"cp_mode": "zigzag"}),
     "dp2-tp4": ("dp=2,tp=4", {}),
     "dp4-dp-attention": ("dp=4,tp=2", {"dp_attention": True}),
     "ep8": ("ep=8", {}),
