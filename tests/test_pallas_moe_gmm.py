@@ -149,3 +149,22 @@ def test_kernels_lower_for_the_gpu(rows, fp8):
             scale(dim, inter))
     text = jax.jit(layers).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("mosaic_gpu") >= 2  # both kernels
+
+
+def test_routed_experts_drop_pairs_with_expert_id_e(interp):
+    """Expert id E drops a pair (how an expert-parallel shard skips experts it does not hold): both paths equal the
+    reference without those pairs. The kernel never writes the dropped rows (NaN-poisoned here), so they must not
+    reach the sum."""
+    tokens, top_k, e, d, i = 19, 3, 4, 128, 128
+    ks = jax.random.split(_key(6), 7)
+    x = jax.random.normal(ks[0], (tokens, d), jnp.bfloat16)
+    experts = jnp.argsort(jax.random.uniform(ks[1], (tokens, e)), axis=1)[:, :top_k].astype(jnp.int32)
+    weights = jax.random.uniform(ks[2], (tokens, top_k))
+    dropped = jax.random.uniform(ks[6], (tokens, top_k)) < 0.4
+    w1 = jax.random.normal(ks[3], (e, i, d), jnp.bfloat16) * float(2 / np.sqrt(d))
+    w3 = jax.random.normal(ks[4], (e, i, d), jnp.bfloat16) * float(2 / np.sqrt(d))
+    w2 = jax.random.normal(ks[5], (e, d, i), jnp.bfloat16) * float(1 / np.sqrt(i))
+    expected = moe_gmm.routed_experts_reference(x, experts, jnp.where(dropped, 0.0, weights), w1, w3, w2, 1.5)
+    with_drops = (x, jnp.where(dropped, e, experts), weights, w1, w3, w2, 1.5)
+    assert _rel(moe_gmm.routed_experts_reference(*with_drops), expected) <= 1e-6
+    assert _rel(moe_gmm.routed_experts_pallas(*with_drops, interpret=interp), expected) <= TOL

@@ -79,7 +79,7 @@ def _dense_exchange(moe, x, experts, weights, local_count, group, axes):
     owner, local = (experts // local_count).reshape(-1), (experts % local_count).reshape(-1)
     for_peer = owner[None, :] == jnp.arange(group)[:, None]  # [G, P]
     send_x = jnp.where(for_peer[..., None], pair_x[None], 0).astype(x.dtype)
-    send_expert = jnp.where(for_peer, local[None], 0)
+    send_expert = jnp.where(for_peer, local[None], local_count)  # local_count: no expert (dropped)
     send_weight = jnp.where(for_peer, weights.reshape(-1)[None], 0.0)
 
     def to_peers(a):
@@ -115,7 +115,9 @@ def _ragged_exchange(moe, x, experts, weights, local_count, group, axes):
 
     rows, row_expert, row_weight = dispatch(send_x), dispatch(send_expert), dispatch(send_weight)
     valid = jnp.arange(capacity) < jnp.sum(recv_counts)
-    out = moe.experts(rows, row_expert[:, None], jnp.where(valid, row_weight, 0.0)[:, None])
+    # The buffer holds room for every pair of every peer; rows past the received ones are dropped (no expert).
+    out = moe.experts(rows, jnp.where(valid, row_expert, local_count)[:, None],
+                      jnp.where(valid, row_weight, 0.0)[:, None])
     # Return: my buffer's block from source j goes back to j's sorted buffer at its send offset for me.
     home_offsets = (jnp.cumsum(matrix, axis=1) - matrix)[:, me]
     back = jax.lax.ragged_all_to_all(out, jnp.zeros((pairs, out.shape[-1]), out.dtype), recv_offsets, recv_counts,

@@ -39,13 +39,14 @@ def _shard_index(axes: tuple[str, ...], sizes: tuple[int, ...]) -> jax.Array:
 def moe_partial(moe, x: jax.Array, ids: jax.Array, expert_axes: tuple[str, ...], expert_sizes: tuple[int, ...]):
     """fp32 partial MoE output of this device's weight shards for tokens x [T, D] with ids [T].
 
-    Routing is global (the router is replicated); choices of experts owned elsewhere get weight 0 here.
+    Routing is global (the router is replicated); choices of experts owned elsewhere are dropped here (expert id
+    local_count), so that each device computes only its own experts' pairs.
     """
     experts, weights = moe.gate(x, ids)
     local_count = moe.experts.w1.shape[0]
     local = experts - _shard_index(expert_axes, expert_sizes) * local_count
     mine = (local >= 0) & (local < local_count)
-    out = moe.experts(x, jnp.where(mine, local, 0), jnp.where(mine, weights, 0.0))
+    out = moe.experts(x, jnp.where(mine, local, local_count), jnp.where(mine, weights, 0.0))
     if moe.shared_experts is not None:
         out = out + moe.shared_experts(x).astype(jnp.float32)  # its own intermediate slice: a partial sum too
     return out

@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 
 from dsv4jax import pallas as _pallas
-from dsv4jax.pallas.moe_gmm.reference import clamped_swiglu, grouped_matmul_reference, routed_experts_reference
+from dsv4jax.pallas.moe_gmm.reference import (clamped_swiglu, grouped_matmul_reference, kept_rows,
+                                              routed_experts_reference)
 
 _ROW_ALIGN = 128  # sorted rows are padded to this (every block_m divides it)
 
@@ -109,13 +110,14 @@ def routed_experts_pallas(x, experts, weights, w1, w3, w2, limit: float, simulat
         c1, c2 = (dataclasses.replace(c, num_sms=4) for c in (c1, c2))
     hidden = grouped_matmul_swiglu(sorted_x, w1, w3, group_sizes, row_weights, limit, cfg=c1, interpret=interpret)
     out = grouped_matmul(quantize(hidden), w2, group_sizes, cfg=c2, interpret=interpret)[:rows]
+    out = jnp.where(kept_rows(group_sizes, rows)[:, None], out, 0)  # dropped pairs' rows are never written
     return jnp.zeros((tokens, d), jnp.float32).at[token_of].add(out.astype(jnp.float32))
 
 
 @functools.partial(jax.named_call, name="routed_experts")
 def routed_experts(x, experts, weights, w1, w3, w2, limit: float, simulate_fp8_activations: bool = False):
     """Σ_k weights[t,k]·Expert_{experts[t,k]}(x_t) in fp32; x [T,D], experts/weights [T,k], w1/w3 [E,I,D],
-    w2 [E,D,I]. The reference is the specification."""
+    w2 [E,D,I]; a pair with expert id E is dropped (computed nowhere). The reference is the specification."""
     choice = _pallas.implementation()
     use_kernel = choice == "pallas" or (choice == "auto" and _pallas.on_gpu())
     if use_kernel and kernel_supported(x, experts, w1, w3, w2):

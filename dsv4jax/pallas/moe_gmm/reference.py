@@ -25,8 +25,10 @@ def routed_experts_reference(x, experts, weights, w1, w3, w2, limit: float,
                              simulate_fp8_activations: bool = False) -> jax.Array:
     """Σ_k weights[t,k]·Expert_{experts[t,k]}(x_t) in fp32, via tokens sorted by expert.
 
-    x [T,D] activations; experts [T,k] int; weights [T,k] fp32; w1, w3 [E,I,D]; w2 [E,D,I].
-    The routing weight is applied before w2 in fp32; each expert's output is rounded to x.dtype (§9).
+    x [T,D] activations; experts [T,k] int; weights [T,k] fp32; w1, w3 [E,I,D]; w2 [E,D,I]. A pair whose expert
+    id is E is dropped: computed nowhere, it adds nothing (an expert-parallel shard's way to skip the experts it
+    does not hold). The routing weight is applied before w2 in fp32; each expert's output is rounded to x.dtype
+    (§9).
     With `simulate_fp8_activations` both GEMM inputs are quantised like the official FP8×FP4 kernel's (§10.3).
     """
     from dsv4jax.quant import fp8_qdq
@@ -43,4 +45,10 @@ def routed_experts_reference(x, experts, weights, w1, w3, w2, limit: float,
                             grouped_matmul_reference(sorted_x, w3, group_sizes).astype(x.dtype), limit)
     hidden = hidden * weights.reshape(-1)[order][:, None]
     out = grouped_matmul_reference(quantize(hidden.astype(x.dtype)), w2, group_sizes).astype(x.dtype)
+    out = jnp.where(kept_rows(group_sizes, out.shape[0])[:, None], out, 0)
     return jnp.zeros((tokens, x.shape[-1]), jnp.float32).at[token_of].add(out.astype(jnp.float32))
+
+
+def kept_rows(group_sizes: jax.Array, rows: int) -> jax.Array:
+    """[rows] bool: the sorted rows that belong to a group (dropped pairs, expert id E, sort after them all)."""
+    return jnp.arange(rows) < jnp.sum(group_sizes)
