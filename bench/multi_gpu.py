@@ -5,7 +5,8 @@
    for the same prompt (cp=1 where it fits);
 2. the MoE layer with V4-Flash widths (256 experts, top-6, D=4096, I=2048, bf16) expert-parallel over all GPUs
    (mesh ep=N) in the gather/reduce-scatter and the all-to-all (`ragged_all_to_all`) modes: output against the
-   single-device layer, and the time of each at 1k, 8k and 32k tokens.
+   single-device layer, and the time of each at 1k, 8k and 32k tokens (`--moe-modes gather_all_pairs` adds the
+   gather mode as it was before other devices' pairs were dropped).
 
     python3 bench/multi_gpu.py --kind nvidia-h200-x4 [--cp 1 2 4] [--lengths 131072] [--long 524288]
 """
@@ -30,13 +31,30 @@ from bench.context_parallel import CONFIG, run_context_parallel  # noqa: E402
 from dsv4jax.config import load_config  # noqa: E402
 from dsv4jax.model.moe import MoE  # noqa: E402
 from dsv4jax.sharding.mesh import make_mesh, parse_mesh_spec  # noqa: E402
-from dsv4jax.sharding.moe import MoECollective  # noqa: E402
+from dsv4jax.sharding.moe import MoECollective, _shard_index, reduce_scatter_rows  # noqa: E402
 from dsv4jax.sharding.rules import param_shardings, param_specs  # noqa: E402
 
 FLASH = os.path.join(os.path.dirname(CONFIG), "deepseek-v4-flash.json")
 
 
-def expert_parallel(path: str, token_counts, repeats: int) -> list[dict]:
+def _all_pairs_body(graphdef, collective):
+    """The gather mode as it was before pairs of other devices' experts were dropped: local expert 0 computed them
+    all with weight 0. A baseline for the same run, tokens replicated over ep (so the sum is over ep)."""
+    def body(params, x, ids):
+        moe = nnx.merge(graphdef, params)
+        flat, flat_ids = x.reshape(-1, x.shape[-1]), ids.reshape(-1)
+        experts, weights = moe.gate(flat, flat_ids)
+        local_count = moe.experts.w1.shape[0]
+        local = experts - _shard_index(collective.expert_axes, collective.expert_sizes) * local_count
+        mine = (local >= 0) & (local < local_count)
+        partial = moe.experts(flat, jnp.where(mine, local, 0), jnp.where(mine, weights, 0.0))
+        partial = partial + moe.shared_experts(flat).astype(jnp.float32)
+        return reduce_scatter_rows(partial, collective.gather_axes, collective.reduce_axes).astype(x.dtype).reshape(
+            x.shape)
+    return body
+
+
+def expert_parallel(path: str, token_counts, repeats: int, modes=("gather", "all_to_all")) -> list[dict]:
     config = load_config(path, dtype="bfloat16")
     layer = config.num_hash_layers  # the first score-routed layer
     n = jax.device_count()
@@ -44,14 +62,17 @@ def expert_parallel(path: str, token_counts, repeats: int) -> list[dict]:
     graphdef, params = nnx.split(moe)
     single = jax.jit(lambda params, x, ids: nnx.merge(graphdef, params)(x, ids))
     records = []
-    for mode in ("gather", "all_to_all"):
-        mesh = parse_mesh_spec(f"ep={n}", moe_mode=mode)
+    for mode in modes:
+        mesh = parse_mesh_spec(f"ep={n}", moe_mode="gather" if mode == "gather_all_pairs" else mode)
         device_mesh = make_mesh(mesh)
         sharded = jax.device_put(params, param_shardings(params, mesh, device_mesh))
         collective = MoECollective.for_tokens(mesh, ())  # tokens replicated over ep (as in decode)
 
         def body(params, x, ids):
             return collective(nnx.merge(graphdef, params), x, ids)
+
+        if mode == "gather_all_pairs":
+            body = _all_pairs_body(graphdef, collective)
 
         mapped = jax.jit(jax.shard_map(body, mesh=device_mesh, in_specs=(param_specs(params, mesh), P(), P()),
                                        out_specs=P(), check_vma=False))
@@ -84,6 +105,8 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=8192)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--moe-tokens", type=int, nargs="*", default=[1024, 8192, 32768])
+    parser.add_argument("--moe-modes", nargs="+", default=["gather", "all_to_all"],
+                        help="also gather_all_pairs: the gather mode before dropped pairs, as a baseline")
     parser.add_argument("--config", default=CONFIG)
     parser.add_argument("--moe-config", default=FLASH)
     args = parser.parse_args()
@@ -95,7 +118,7 @@ def main() -> None:
         write_results(name, {"config": os.path.basename(args.config), **vars(args)}, records)
 
     start = time.perf_counter()
-    records += expert_parallel(args.moe_config, args.moe_tokens, args.repeats)
+    records += expert_parallel(args.moe_config, args.moe_tokens, args.repeats, args.moe_modes)
     save()
     def sizes(cps, mode):
         # The smallest cp is the reference: it runs once (under the first mode) unless it is the only size;
@@ -103,7 +126,7 @@ def main() -> None:
         return [c for c in cps if c > min(cps) or mode == args.modes[0] or len(cps) == 1]
 
     for lengths, cps in ((args.lengths, args.cp), (args.long, [c for c in args.cp if c > 1])):
-        for mode in args.modes:
+        for mode in args.modes if lengths else ():
             records += run_context_parallel(config, sizes(cps, mode), lengths, mode, args.chunk, args.repeats, "auto",
                                             reference)
             save()
