@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from bench.common import median_seconds, write_results  # noqa: E402
+from bench.common import device_ms, median_seconds, trace_every_kernel, write_results  # noqa: E402
 from bench.context_parallel import CONFIG, run_context_parallel  # noqa: E402
 from dsv4jax.config import load_config  # noqa: E402
 from dsv4jax.model.moe import MoE  # noqa: E402
@@ -54,7 +54,8 @@ def _all_pairs_body(graphdef, collective):
     return body
 
 
-def expert_parallel(path: str, token_counts, repeats: int, modes=("gather", "all_to_all")) -> list[dict]:
+def expert_parallel(path: str, token_counts, repeats: int, modes=("gather", "all_to_all"),
+                    profile: bool = False) -> list[dict]:
     config = load_config(path, dtype="bfloat16")
     layer = config.num_hash_layers  # the first score-routed layer
     n = jax.device_count()
@@ -87,6 +88,8 @@ def expert_parallel(path: str, token_counts, repeats: int, modes=("gather", "all
                 record["rel_l2_vs_single_device"] = float(np.linalg.norm(out - expected) / np.linalg.norm(expected))
                 record["seconds"] = median_seconds(mapped, sharded, x, ids, warmup=1, iters=repeats)
                 record["single_device_seconds"] = median_seconds(single, params, x, ids, warmup=1, iters=repeats)
+                if profile:  # where the time goes: device time per kernel name, summed over the GPUs
+                    record["device_ms_all_gpus"] = device_ms(mapped, sharded, x, ids, runs=2)
             except Exception as error:  # noqa: BLE001  (recorded)
                 record["error"] = f"{type(error).__name__}: {str(error)[:300]}"
             print(record, flush=True)
@@ -109,7 +112,10 @@ def main() -> None:
                         help="also gather_all_pairs: the gather mode before dropped pairs, as a baseline")
     parser.add_argument("--config", default=CONFIG)
     parser.add_argument("--moe-config", default=FLASH)
+    parser.add_argument("--moe-profile", action="store_true", help="record each MoE case's kernels (device time)")
     args = parser.parse_args()
+    if args.moe_profile:
+        trace_every_kernel()
     config = load_config(args.config, dtype="bfloat16")
     records, reference = [], {}
     name = f"multi-gpu-{args.kind}"
@@ -118,7 +124,7 @@ def main() -> None:
         write_results(name, {"config": os.path.basename(args.config), **vars(args)}, records)
 
     start = time.perf_counter()
-    records += expert_parallel(args.moe_config, args.moe_tokens, args.repeats, args.moe_modes)
+    records += expert_parallel(args.moe_config, args.moe_tokens, args.repeats, args.moe_modes, args.moe_profile)
     save()
     def sizes(cps, mode):
         # The smallest cp is the reference: it runs once (under the first mode) unless it is the only size;
