@@ -7,6 +7,8 @@ Plus: the two SGLang bugs (#27191 slice-before-reduce, #24947 hash ids not permu
 parity, the compiled CP prefill holds the expected collectives, and parameter bytes shrink under ep/tp.
 """
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -224,6 +226,20 @@ def test_ragged_all_to_all_exchange_matches_the_moe():
     collective = MoECollective.for_tokens(mesh, ("dp", "cp"))
     out = _run_moe(graphdef, params, mesh, device_mesh, P(None, "cp"), collective, x, ids)
     assert rel(out, expected) <= TOL
+
+
+def test_importing_dsv4jax_prefers_the_decomposed_ragged_all_to_all():
+    """The one-shot ragged all-to-all kernel is ~10× slower within a host (all_to_all.py); importing dsv4jax asks
+    XLA for the decomposition, and a user's own setting of that flag stands."""
+    from dsv4jax.sharding.all_to_all import DECOMPOSE_RAGGED_ALL_TO_ALL, prefer_decomposed_ragged_all_to_all
+
+    assert DECOMPOSE_RAGGED_ALL_TO_ALL in os.environ["XLA_FLAGS"]  # dsv4jax is imported by now
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    prefer_decomposed_ragged_all_to_all(env)
+    assert env["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=8 {DECOMPOSE_RAGGED_ALL_TO_ALL}"
+    own = {"XLA_FLAGS": "--xla_gpu_unsupported_enable_ragged_all_to_all_decomposer=false"}
+    prefer_decomposed_ragged_all_to_all(own)
+    assert own["XLA_FLAGS"] == "--xla_gpu_unsupported_enable_ragged_all_to_all_decomposer=false"
 
 
 def test_mesh_spec_errors_name_the_problem_and_the_fix():
