@@ -94,9 +94,10 @@ def _dense_exchange(moe, x, experts, weights, local_count, group, axes):
     pair_x = jnp.repeat(x, k, axis=0)  # [P, D], pair p = (token p // k, choice p % k)
     owner, local = (experts // local_count).reshape(-1), (experts % local_count).reshape(-1)
     for_peer = owner[None, :] == jnp.arange(group)[:, None]  # [G, P]
-    send_x = jnp.where(for_peer[..., None], pair_x[None], 0).astype(x.dtype)
-    send_expert = jnp.where(for_peer, local[None], local_count)  # local_count: no expert (dropped)
-    send_weight = jnp.where(for_peer, weights.reshape(-1)[None], 0.0)
+    # Every peer gets every pair; those not for it carry expert id local_count, which drops them there.
+    send_x = jnp.broadcast_to(pair_x[None], (group, *pair_x.shape))
+    send_expert = jnp.where(for_peer, local[None], local_count)
+    send_weight = jnp.broadcast_to(weights.reshape(-1)[None], for_peer.shape)
 
     def to_peers(a):
         return jax.lax.all_to_all(a, axes, 0, 0, tiled=True)

@@ -46,7 +46,7 @@ def moe_partial(moe, x: jax.Array, ids: jax.Array, expert_axes: tuple[str, ...],
     local_count = moe.experts.w1.shape[0]
     local = experts - _shard_index(expert_axes, expert_sizes) * local_count
     mine = (local >= 0) & (local < local_count)
-    out = moe.experts(x, jnp.where(mine, local, local_count), jnp.where(mine, weights, 0.0))
+    out = moe.experts(x, jnp.where(mine, local, local_count), weights)
     if moe.shared_experts is not None:
         out = out + moe.shared_experts(x).astype(jnp.float32)  # its own intermediate slice: a partial sum too
     return out
