@@ -9,12 +9,28 @@ context-parallel and mesh-aware layouts live in `dsv4jax/sharding/` (collectives
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
+KERNEL_CHOICES = ("auto", "reference", "pallas")
 
+
+@dataclasses.dataclass(frozen=True)
 class TokenLayout:
-    """Identity layout: local tokens = the whole chunk, in token order; the MoE runs on them directly."""
+    """Identity layout: local tokens = the whole chunk, in token order; the MoE runs on them directly.
+
+    `kernels` is the implementation every kernel op of this call runs ("auto": the Pallas kernel on a GPU where it
+    supports the shapes, else the reference; "reference"; "pallas": the kernel, an error where unsupported). It
+    travels with the call, so two runners tracing at once in threads can each choose their own.
+    """
+
+    kernels: str = "auto"
+
+    def __post_init__(self):
+        if self.kernels not in KERNEL_CHOICES:
+            raise ValueError(f"kernels={self.kernels!r}; choose one of {', '.join(KERNEL_CHOICES)}")
 
     def chunk_length(self, local_length: int) -> int:
         """Tokens in the whole chunk, given the local token count."""

@@ -14,19 +14,19 @@ from dsv4jax.sharding.moe import MoECollective
 
 @dataclasses.dataclass(frozen=True)
 class ShardedLayout(TokenLayout):
-    split: SequenceSplit | None  # None: every cp rank holds the whole chunk (decode, §1)
-    collective: MoECollective
+    split: SequenceSplit | None = None  # None: every cp rank holds the whole chunk (decode, §1)
+    collective: MoECollective | None = None
 
     @staticmethod
-    def prefill(mesh: MeshConfig, chunk: int) -> "ShardedLayout":
+    def prefill(mesh: MeshConfig, chunk: int, kernels: str = "auto") -> "ShardedLayout":
         split = SequenceSplit(mesh.cp_mode, mesh.cp, chunk) if mesh.cp > 1 else None
         tokens = ("dp", "cp") if split else ("dp",)
-        return ShardedLayout(split, MoECollective.for_tokens(mesh, tokens))
+        return ShardedLayout(kernels, split, MoECollective.for_tokens(mesh, tokens))
 
     @staticmethod
-    def replicated(mesh: MeshConfig) -> "ShardedLayout":
+    def replicated(mesh: MeshConfig, kernels: str = "auto") -> "ShardedLayout":
         """Decode, MTP draft steps: split over dp only."""
-        return ShardedLayout(None, MoECollective.for_tokens(mesh, ("dp",)))
+        return ShardedLayout(kernels, None, MoECollective.for_tokens(mesh, ("dp",)))
 
     def chunk_length(self, local_length: int) -> int:
         return self.split.chunk if self.split else local_length
