@@ -24,11 +24,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.common import device_slug, write_results  # noqa: E402
-from dsv4jax import pallas  # noqa: E402
 from dsv4jax.config import load_config  # noqa: E402
 from dsv4jax.model import init_state  # noqa: E402
-from dsv4jax.sharding.data import chunk_alignment  # noqa: E402
-from dsv4jax.sharding.engine import ShardedRunner  # noqa: E402
+from dsv4jax.run import Runner  # noqa: E402
 from dsv4jax.sharding.mesh import make_mesh, parse_mesh_spec  # noqa: E402
 from dsv4jax.sharding.params import init_sharded  # noqa: E402
 from dsv4jax.sharding.rules import state_shardings  # noqa: E402
@@ -40,7 +38,7 @@ CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 def time_to_first_token(runner, params, config, mesh, device_mesh, length: int, chunk: int, repeats: int):
     ids = np.random.default_rng(length).integers(0, config.vocab_size, (1, length)).astype(np.int32)
     chunk = min(chunk, length)
-    chunk += -chunk % chunk_alignment(mesh)
+    chunk += -chunk % runner.alignment
     max_len = -(-length // chunk) * chunk
     shardings = state_shardings(jax.eval_shape(lambda: init_state(config, 1, max_len)), mesh, device_mesh)
     fresh = jax.jit(lambda: init_state(config, 1, max_len), out_shardings=shardings)
@@ -78,13 +76,12 @@ def run_context_parallel(config, cps, lengths, cp_mode: str, chunk: int, repeats
         mesh = parse_mesh_spec(f"cp={cp}", cp_mode=cp_mode)
         device_mesh = make_mesh(mesh, jax.devices()[:cp])
         graphdef, params = init_sharded(config, mesh, device_mesh)
-        runner = ShardedRunner(graphdef, mesh, device_mesh)
+        runner = Runner(graphdef, mesh, jax.devices()[:cp], kernels=implementation)
         for length in lengths:
             record = {"cp": cp, "cp_mode": cp_mode, "tokens": length, "chunk": chunk, "implementation": implementation}
             try:
-                with pallas.use(implementation):
-                    ttft, first, logits = time_to_first_token(runner, params, config, mesh, device_mesh, length,
-                                                              chunk, repeats)
+                ttft, first, logits = time_to_first_token(runner, params, config, mesh, device_mesh, length, chunk,
+                                                          repeats)
                 record.update(ttft_s=ttft, tokens_per_s=length / ttft, first_call_s=first)
                 if length in first_logits:  # same weights (same seed), same prompt: the logits must agree
                     base_cp, base = first_logits[length]

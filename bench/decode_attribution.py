@@ -30,7 +30,6 @@ import dsv4jax.pallas.moe_gmm as moe_package  # noqa: E402
 import dsv4jax.pallas.moe_gmm.kernel as moe_kernel  # noqa: E402
 from bench.common import device_ms, device_slug, trace_every_kernel, write_results  # noqa: E402
 from bench.model_forward import CONFIG, build_model, decode_step_times, jitted  # noqa: E402
-from dsv4jax import run  # noqa: E402
 from dsv4jax.model import init_state, mhc  # noqa: E402
 
 
@@ -89,10 +88,10 @@ def main() -> None:
     for name in args.variants:
         implementation, patch = VARIANTS[name]
         with patched(patch):
-            decode = jitted(lambda p, s, t, a: run.decode_fn(graphdef, p, s, t, a), implementation)
+            decode = jitted(lambda r, p, s, t, a: r.decode_fn(p, s, t, a), graphdef, implementation)
             state = init_state(config, 1, args.prompt + 2 * args.steps + 64 + 8)
             if args.prompt:
-                prefill = jitted(lambda p, s, i, n: run.prefill_fn(graphdef, p, s, i, n), implementation)
+                prefill = jitted(lambda r, p, s, i, n: r.prefill_fn(p, s, i, n), graphdef, implementation)
                 ids = jax.random.randint(jax.random.key(7), (1, args.prompt), 0, config.vocab_size)
                 _, _, state = prefill(params, state, ids, jnp.array([args.prompt], jnp.int32))
             token, active = jnp.zeros((1,), jnp.int32), jnp.ones((1,), bool)

@@ -265,19 +265,19 @@ class ModelStub:
         return [int(t) for t in prompt]
 
 
-def build_engine(config, graphdef, abstract_sharded, mesh, device_mesh, engine_config):
-    """`Engine(model, engine_config, mesh=...)` with abstract params (ShapeDtypeStructs with their rules-table
+def build_engine(config, graphdef, abstract_sharded, mesh, device_mesh, engine_config, kernels: str):
+    """An engine on a runner over the mesh with abstract params (ShapeDtypeStructs with their rules-table
     shardings), so that it compiles while the weights load; `engine.params` is set once they are there."""
+    from dsv4jax.run import Runner
     from dsv4jax.serve.engine import Engine
 
-    return Engine(ModelStub(config, graphdef, abstract_sharded), engine_config, mesh=mesh,
-                  devices=list(device_mesh.devices.flat))
+    runner = Runner(graphdef, mesh, list(device_mesh.devices.flat), kernels=kernels)
+    return Engine(ModelStub(config, graphdef, abstract_sharded), engine_config, runner=runner)
 
 
-def compile_engine(engine, kernels: str, times: dict) -> None:
-    """Both executables through `engine.warmup` (lowered one after the other, compiled at once), with the
-    kernels chosen while tracing; each stage's seconds land in `times` as it ends."""
-    from dsv4jax import pallas
+def compile_engine(engine, times: dict) -> None:
+    """Both executables through `engine.warmup` (lowered one after the other, compiled at once); each stage's
+    seconds land in `times` as it ends."""
 
     def report(record):
         kind = record["bucket"].split("-")[0]
@@ -285,8 +285,7 @@ def compile_engine(engine, kernels: str, times: dict) -> None:
         times[f"{stage}_{kind}_s"] = record[f"{stage}_s"]
         log(f"  {'compiled' if stage == 'compile' else 'lowered'} {kind} in {record[f'{stage}_s']:.1f} s")
 
-    with pallas.use(kernels):
-        engine.warmup(threads=2, report=report)
+    engine.warmup(threads=2, report=report)
 
 
 def run_request(engine, prompt: list[int], decode_steps: int, max_tokens: int) -> dict:
@@ -343,10 +342,9 @@ def check(directory: Path, params, mesh, device_mesh, prompt: list[int], first_t
     """bf16: the loaded params equal the host path's (`read_host_params` + `shard_host_params`) bit for bit;
     first-token logits over the mesh vs one device. fp32 (the same checkpoint loaded sharded in fp32): the same
     logits comparison without bf16 rounding."""
-    from dsv4jax import run
     from dsv4jax.checkpoint.loader import load_model
     from dsv4jax.model import init_state
-    from dsv4jax.sharding.engine import ShardedRunner
+    from dsv4jax.run import Runner
 
     result = {}
     config, graphdef, host = read_host_params(directory, "bfloat16", progress=False)
@@ -365,8 +363,8 @@ def check(directory: Path, params, mesh, device_mesh, prompt: list[int], first_t
     def first_logits(dtype, sharded_params, sharded_graphdef):
         cfg = config.replace(dtype=dtype)
         single_graphdef, single_params = nnx.split(load_model(directory, dtype=dtype, progress=False))
-        one, _, _ = run.prefill(single_graphdef, single_params, init_state(cfg, 1, max_len), ids, num_new)
-        runner = ShardedRunner(sharded_graphdef, mesh, device_mesh)
+        one, _, _ = Runner(single_graphdef).prefill(single_params, init_state(cfg, 1, max_len), ids, num_new)
+        runner = Runner(sharded_graphdef, mesh, device_mesh.devices.flat)
         many, _, _ = runner.prefill(sharded_params, init_state(cfg, 1, max_len), ids, num_new)
         return np.asarray(one, np.float32)[0], np.asarray(many, np.float32)[0]
 
@@ -492,13 +490,13 @@ def main() -> None:
             max_running_requests=1, max_model_len=-(-(args.prompt + max_tokens + 8) // page) * page, page_tokens=page,
             prefill_chunk=args.prompt, prefill_buckets=(args.prompt,), max_prefill_rows=1, decode_buckets=(1,),
             prefill_row_buckets=(1,), speculative_steps=1, prompt_logprobs=False)
-        engine = build_engine(config, graphdef, abstract_sharded, mesh, device_mesh, engine_config)
+        engine = build_engine(config, graphdef, abstract_sharded, mesh, device_mesh, engine_config, args.kernels)
         compile_times, failed = {}, {}
 
         def compile_all():
             began = time.perf_counter()
             try:
-                compile_engine(engine, args.kernels, compile_times)
+                compile_engine(engine, compile_times)
             except BaseException as error:  # noqa: BLE001  (reported by the main thread)
                 failed["error"] = error
             compile_times["compile_total_s"] = time.perf_counter() - began

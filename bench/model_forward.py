@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from bench.common import device_slug, median_seconds, random_model, write_results  # noqa: E402
-from dsv4jax import pallas, run  # noqa: E402
+from dsv4jax.run import Runner  # noqa: E402
 from dsv4jax.config import load_config  # noqa: E402
 from dsv4jax.model import DeepseekV4, init_state  # noqa: E402
 
@@ -46,12 +46,11 @@ def rel_l2(a, b) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def jitted(fn, implementation):
-    """A separately traced copy of `fn` whose kernels follow `implementation` ("auto", "pallas" or "reference")."""
-    def call(*args):
-        with pallas.use(implementation):
-            return fn(*args)
-    return jax.jit(call)
+def jitted(fn, graphdef, implementation):
+    """A separately traced copy of `fn(runner, *args)` whose kernels follow `implementation` ("auto", "pallas" or
+    "reference")."""
+    runner = Runner(graphdef, kernels=implementation)
+    return jax.jit(lambda *args: fn(runner, *args))
 
 
 def decode_step_times(decode, params, state, logits, active, steps: int, warmup: int = 4):
@@ -85,7 +84,7 @@ def fp32_reference_logits(config_path, params, ids, num_new, cache_length):
     graphdef = nnx.split(nnx.eval_shape(lambda: DeepseekV4(config, nnx.Rngs(0))))[0]
     params32 = jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
     state = init_state(config, 1, cache_length)
-    forward = jitted(lambda p, s, i, n: run.forward_fn(graphdef, p, s, i, n)[0], "reference")
+    forward = jitted(lambda r, p, s, i, n: r.forward_fn(p, s, i, n)[0], graphdef, "reference")
     logits = np.asarray(forward(params32, state, ids, num_new), np.float32)
     del params32, state
     return logits
@@ -119,8 +118,8 @@ def main() -> None:
         for implementation in implementations:
             # "prefill": the serving path, logits of the last token only; "forward": fp32 logits at every position
             # (what the agreement check compares, and what batch log-likelihood evaluation computes).
-            forward = jitted(lambda p, s, i, n: run.forward_fn(graphdef, p, s, i, n)[0], implementation)
-            prefill = jitted(lambda p, s, i, n: run.prefill_fn(graphdef, p, s, i, n)[0], implementation)
+            forward = jitted(lambda r, p, s, i, n: r.forward_fn(p, s, i, n)[0], graphdef, implementation)
+            prefill = jitted(lambda r, p, s, i, n: r.prefill_fn(p, s, i, n)[0], graphdef, implementation)
             try:
                 logits[implementation] = np.asarray(forward(params, state, ids, num_new), np.float32)
                 timings = {"forward": median_seconds(forward, params, state, ids, num_new, warmup=1, iters=5)}
@@ -160,8 +159,8 @@ def main() -> None:
     prompt = 1024
     ids = jax.random.randint(jax.random.key(7), (1, prompt), 0, config.vocab_size)
     for implementation in implementations:
-        prefill = jitted(lambda p, s, i, n: run.prefill_fn(graphdef, p, s, i, n), implementation)
-        decode = jitted(lambda p, s, t, a: run.decode_fn(graphdef, p, s, t, a), implementation)
+        prefill = jitted(lambda r, p, s, i, n: r.prefill_fn(p, s, i, n), graphdef, implementation)
+        decode = jitted(lambda r, p, s, t, a: r.decode_fn(p, s, t, a), graphdef, implementation)
         state = init_state(config, 1, prompt + 2 * args.decode_steps + 64 + 8)
         logits, _, state = prefill(params, state, ids, jnp.array([prompt], jnp.int32))
         token = jnp.argmax(logits, -1).astype(jnp.int32)

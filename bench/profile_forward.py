@@ -25,7 +25,6 @@ import jax.numpy as jnp  # noqa: E402
 
 from bench.common import device_slug, kernel_events, trace_every_kernel, write_results  # noqa: E402
 from bench.model_forward import CONFIG, build_model, jitted  # noqa: E402
-from dsv4jax import run  # noqa: E402
 from dsv4jax.model import init_state  # noqa: E402
 
 # The scope names the model sets (dsv4jax/model/*.py) and the kernel entry points' named calls.
@@ -87,7 +86,7 @@ def main() -> None:
     ids = jax.random.randint(jax.random.key(0), (1, args.length), 0, config.vocab_size)
     num_new = jnp.array([args.length], jnp.int32)
     state = init_state(config, 1, args.length + 64)
-    prefill = jitted(lambda p, s, i, n: run.prefill_fn(graphdef, p, s, i, n), args.implementation)
+    prefill = jitted(lambda r, p, s, i, n: r.prefill_fn(p, s, i, n), graphdef, args.implementation)
     compiled = prefill.lower(params, state, ids, num_new).compile()
     names = op_names(compiled.as_text())
     for _ in range(2):

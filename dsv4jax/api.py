@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dsv4jax import run
 from dsv4jax.config import ConfigError, ModelConfig, load_config
 from dsv4jax.model import DeepseekV4, init_state
+from dsv4jax.run import Runner
 from dsv4jax.tokenizer import load_tokenizer
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "dsv4-tiny"
@@ -69,20 +69,29 @@ class Model:
         """All-position fp32 logits: [S, V] for one prompt (text or ids), a list of those for a batch."""
         batch, single = self._batch(prompts)
         ids, lengths, state = self._padded(batch, 0)
-        logits, _, _ = run.forward(self.graphdef, self.params, state, ids, lengths)
+        logits, _, _ = self.runner().forward(self.params, state, ids, lengths)
         logits = np.asarray(logits)
         out = [logits[row, :len(seq)] for row, seq in enumerate(batch)]
         return out[0] if single else out
 
-    def engine(self, mesh=None, **settings):
-        """A serving engine (dsv4jax.serve) over this model, cached per settings (an `EngineConfig`'s fields) and
-        mesh (None: one device; or a spec such as "cp=2,tp=2,ep=2")."""
+    def runner(self, mesh=None, kernels: str = "auto") -> Runner:
+        """The runner that carries this model's calls to the devices (dsv4jax/run.py), cached per mesh (None: one
+        device; or a spec such as "cp=2,tp=2,ep=2" over all devices) and kernel choice."""
+        key = (str(mesh), kernels)
+        runners = self.__dict__.setdefault("_runners", {})
+        if key not in runners:
+            runners[key] = Runner(self.graphdef, mesh, kernels=kernels)
+        return runners[key]
+
+    def engine(self, mesh=None, kernels: str = "auto", **settings):
+        """A serving engine (dsv4jax.serve) over this model, cached per settings (an `EngineConfig`'s fields),
+        mesh and kernel choice (see `runner`)."""
         from dsv4jax.serve.engine import Engine, EngineConfig
 
-        key = (str(mesh), tuple(sorted(settings.items())))
+        key = (str(mesh), kernels, tuple(sorted(settings.items())))
         engines = self.__dict__.setdefault("_engines", {})
         if key not in engines:
-            engines[key] = Engine(self, EngineConfig(**settings), mesh=mesh)
+            engines[key] = Engine(self, EngineConfig(**settings), runner=self.runner(mesh, kernels))
         return engines[key]
 
     def generate(self, prompts, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,

@@ -34,7 +34,7 @@ def sequences(tokenizer):
 
 def test_transformers_loads_it_and_fp32_logits_match(sequences):
     import hf_oracle as hf
-    from dsv4jax import run
+    from dsv4jax.run import Runner
     from dsv4jax.checkpoint.loader import load_model
     from dsv4jax.model import init_state
 
@@ -46,7 +46,7 @@ def test_transformers_loads_it_and_fp32_logits_match(sequences):
     ids = np.zeros((len(sequences), 448), np.int32)
     for row, seq in enumerate(sequences):
         ids[row, :len(seq)] = seq
-    logits, _, _ = run.forward(graphdef, params, init_state(model.config, len(sequences), 448), jnp.asarray(ids),
+    logits, _, _ = Runner(graphdef).forward(params, init_state(model.config, len(sequences), 448), jnp.asarray(ids),
                                jnp.asarray(lengths, jnp.int32))
     for row, expected in enumerate(reference):
         got = np.asarray(logits[row, :lengths[row]])

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv4jax import run
+from dsv4jax.run import Runner
 from dsv4jax.model import init_state
 from dsv4jax.serve.engine import AdmissionError, Engine, EngineConfig
 from dsv4jax.serve.sampling import SamplingParams
@@ -24,7 +24,7 @@ def full_logprobs(model, ids):
     padded = np.zeros((1, 512), np.int32)  # one shape for every call: one compilation
     padded[0, :len(ids)] = ids
     state = init_state(model.config, 1, 512)
-    logits, _, _ = run.forward(model.graphdef, model.params, state, jnp.asarray(padded), jnp.asarray([len(ids)]))
+    logits, _, _ = Runner(model.graphdef).forward(model.params, state, jnp.asarray(padded), jnp.asarray([len(ids)]))
     return np.asarray(jax.nn.log_softmax(logits[0, :len(ids)], axis=-1))
 
 

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 import hf_oracle as hf
-from dsv4jax import run
+from dsv4jax.run import Runner
 from dsv4jax.checkpoint.loader import load_model
 from dsv4jax.model import init_state
 
@@ -36,7 +36,7 @@ def _our_logits(directory, sequences):
     for row, seq in enumerate(sequences):
         ids[row, :len(seq)] = seq
     state = init_state(model.config, len(sequences), 384)
-    logits, _, _ = run.forward(graphdef, params, state, jnp.asarray(ids), jnp.asarray(LENGTHS, jnp.int32))
+    logits, _, _ = Runner(graphdef).forward(params, state, jnp.asarray(ids), jnp.asarray(LENGTHS, jnp.int32))
     return model, [np.asarray(logits[row, :n]) for row, n in enumerate(LENGTHS)]
 
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dsv4jax import run
+from dsv4jax.run import Runner
 from dsv4jax.config import load_config
 from dsv4jax.model import DeepseekV4, init_state
 from dsv4jax.model.linear import Linear
@@ -22,7 +22,7 @@ def _prefill(**flags):
     model = DeepseekV4(config, nnx.Rngs(3))
     ids = jax.random.randint(jax.random.key(4), (1, 140), 0, config.vocab_size)
     graphdef, params = nnx.split(model)
-    logits, _, state = run.forward(graphdef, params, init_state(config, 1, 160), ids, jnp.array([140]))
+    logits, _, state = Runner(graphdef).forward(params, init_state(config, 1, 160), ids, jnp.array([140]))
     return config, logits, state
 
 

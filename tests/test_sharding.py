@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 from dsv4jax.model import DeepseekV4, init_state
 from dsv4jax.sharding.data import shape_prefill
-from dsv4jax.sharding.engine import ShardedRunner
+from dsv4jax.run import Runner as ModelRunner
 from dsv4jax.sharding.mesh import MeshConfig, MeshError, make_mesh, parse_mesh_spec
 from dsv4jax.sharding.moe import moe_partial, reduce_scatter_rows
 from dsv4jax.sharding.params import device_bytes, init_sharded, shard_host_params
@@ -82,7 +82,7 @@ def test_mesh_matches_single_device(reference, name):
     spec, options = MESHES[name]
     mesh, device_mesh = mesh_of(spec, **options)
     ref = reference
-    runner = ShardedRunner(ref["graphdef"], mesh, device_mesh, JIT_OPTIONS)
+    runner = ModelRunner(ref["graphdef"], mesh, device_mesh.devices.flat, compiler_options=JIT_OPTIONS)
     params = shard_host_params(ref["host_params"], mesh, device_mesh)
 
     ids, num_new = shape_prefill(ref["first"], FIRST, mesh)
@@ -118,7 +118,7 @@ def test_mtp_prefill_under_cp_matches_single_device(reference):
     """§5: the MTP module's prefill pass is split over cp and gathered like the main model's."""
     ref = reference
     mesh, device_mesh = mesh_of("cp=4", cp_mode="zigzag")
-    runner = ShardedRunner(ref["graphdef"], mesh, device_mesh, JIT_OPTIONS)
+    runner = ModelRunner(ref["graphdef"], mesh, device_mesh.devices.flat, compiler_options=JIT_OPTIONS)
     params = shard_host_params(ref["host_params"], mesh, device_mesh)
     next_ids = np.zeros_like(ref["first"])
     next_ids[:, :-1] = ref["first"][:, 1:]
@@ -228,18 +228,43 @@ def test_ragged_all_to_all_exchange_matches_the_moe():
     assert rel(out, expected) <= TOL
 
 
-def test_importing_dsv4jax_prefers_the_decomposed_ragged_all_to_all():
-    """The one-shot ragged all-to-all kernel is ~10× slower within a host (all_to_all.py); importing dsv4jax asks
-    XLA for the decomposition, and a user's own setting of that flag stands."""
-    from dsv4jax.sharding.all_to_all import DECOMPOSE_RAGGED_ALL_TO_ALL, prefer_decomposed_ragged_all_to_all
+def test_an_all_to_all_mesh_prefers_the_decomposed_ragged_all_to_all():
+    """The one-shot ragged all-to-all kernel is ~10× slower within a host (mesh.py); building an all-to-all mesh
+    before XLA starts asks XLA for the decomposition, a user's own setting of that flag stands, and a mesh built
+    after XLA started says that the flag came too late. Importing dsv4jax changes no environment variable."""
+    import subprocess
+    import sys
 
-    assert DECOMPOSE_RAGGED_ALL_TO_ALL in os.environ["XLA_FLAGS"]  # dsv4jax is imported by now
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    prefer_decomposed_ragged_all_to_all(env)
-    assert env["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=8 {DECOMPOSE_RAGGED_ALL_TO_ALL}"
-    own = {"XLA_FLAGS": "--xla_gpu_unsupported_enable_ragged_all_to_all_decomposer=false"}
-    prefer_decomposed_ragged_all_to_all(own)
-    assert own["XLA_FLAGS"] == "--xla_gpu_unsupported_enable_ragged_all_to_all_decomposer=false"
+    from dsv4jax.sharding.mesh import DECOMPOSE_RAGGED_ALL_TO_ALL
+
+    script = """if True:
+        import os, sys, warnings
+        before = dict(os.environ)
+        import dsv4jax
+        from dsv4jax.sharding.mesh import make_mesh, parse_mesh_spec
+        assert dict(os.environ) == before, "import dsv4jax changed os.environ"
+        import jax
+        if sys.argv[1] == "late":
+            jax.devices()  # XLA starts
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            make_mesh(parse_mesh_spec("ep=2", moe_mode="all_to_all"))
+        print(os.environ["XLA_FLAGS"])
+        print(" ".join(str(w.message) for w in caught))
+    """
+
+    def run(flags, case="early"):
+        out = subprocess.run([sys.executable, "-c", script, case], env=dict(os.environ, XLA_FLAGS=flags),
+                             capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.splitlines()
+
+    devices = "--xla_force_host_platform_device_count=2"
+    assert run(devices) == [f"{devices} {DECOMPOSE_RAGGED_ALL_TO_ALL}", ""]
+    own = f"{devices} --xla_gpu_unsupported_enable_ragged_all_to_all_decomposer=false"
+    assert run(own) == [own, ""]
+    flags, warning = run(devices, "late")
+    assert flags == devices and "XLA started before this all-to-all mesh was built" in warning
 
 
 def test_mesh_spec_errors_name_the_problem_and_the_fix():
@@ -254,7 +279,8 @@ def test_mesh_spec_errors_name_the_problem_and_the_fix():
     with pytest.raises(MeshError, match="all_to_all.*dp_attention=False"):
         MeshConfig(dp=2, dp_attention=True, moe_mode="all_to_all")
     with pytest.raises(MeshError, match="not a multiple of dp=2"):
-        MeshConfig(dp=2).check_model(CFG, batch=3)
+        ModelRunner(nnx.graphdef(DeepseekV4(CFG.replace(num_hidden_layers=1, compress_ratios=(0, 0)), nnx.Rngs(0))),
+                    "dp=2", jax.devices()[:2]).check_batch(3)
 
 
 def test_compiled_cp_prefill_gathers_caches_and_reduce_scatters_the_moe(reference):
@@ -263,10 +289,10 @@ def test_compiled_cp_prefill_gathers_caches_and_reduce_scatters_the_moe(referenc
     import re
 
     mesh, device_mesh = mesh_of("cp=4")
-    runner = ShardedRunner(reference["graphdef"], mesh, device_mesh, JIT_OPTIONS)
+    runner = ModelRunner(reference["graphdef"], mesh, device_mesh.devices.flat, compiler_options=JIT_OPTIONS)
     params = shard_host_params(reference["host_params"], mesh, device_mesh)
     ids, num_new = shape_prefill(reference["first"], FIRST, mesh)
-    hlo = runner.lower_forward(params, init_state(CFG, 3, MAX_LEN), ids, num_new).compile().as_text()
+    hlo = runner.forward.lower(params, init_state(CFG, 3, MAX_LEN), ids, num_new).compile().as_text()
     gathered = set()
     for line in hlo.splitlines():
         if re.search(r"\ball-gather(-start)?\(", line):

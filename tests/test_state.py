@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dsv4jax import run
+from dsv4jax.run import Runner
 from dsv4jax.config import load_config
 from dsv4jax.model import DeepseekV4, init_state
 
@@ -15,7 +15,7 @@ def test_state_size_and_ring_margin_do_not_change_results():
     model = DeepseekV4(config, nnx.Rngs(0))
     graphdef, params = nnx.split(model)
     ids = jnp.asarray(np.random.default_rng().integers(0, 256, (1, 300)), jnp.int32)
-    full = [run.forward(graphdef, params, init_state(config, 1, n, ring_margin=margin), ids, jnp.array([300]))[0]
+    full = [Runner(graphdef).forward(params, init_state(config, 1, n, ring_margin=margin), ids, jnp.array([300]))[0]
             for n, margin in ((300, 0), (640, 0), (300, 3))]
     np.testing.assert_allclose(full[0], full[1], rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(full[0], full[2], rtol=1e-6, atol=1e-6)

@@ -32,6 +32,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--chunk", type=int, default=512)
     parser.add_argument("--mesh", default=None, help="spread over devices, e.g. cp=2,tp=2,ep=2 (default: one device)")
+    parser.add_argument("--kernels", choices=["auto", "reference", "pallas"], default="auto",
+                        help="kernel implementation (loglik, perplexity)")
     compilation_cache.add_argument(parser)
     args = parser.parse_args(argv)
 
@@ -45,13 +47,15 @@ def main(argv=None) -> int:
         if args.task == "loglik":
             records = _jsonl(args.data)
             scored = evaluation.loglikelihood(model, [(r["context"], r["continuation"]) for r in records],
-                                              batch_size=args.batch_size, mesh=args.mesh)
+                                              batch_size=args.batch_size, mesh=args.mesh,
+                                              kernels=args.kernels)
             result = {"results": [{"logprob": s.logprob, "is_greedy": s.is_greedy} for s in scored]}
         elif args.task == "perplexity":
             with open(args.data) as f:
                 text = f.read()
             tokens = json.loads(text) if args.data.endswith(".json") else text
-            result = evaluation.perplexity(model, tokens, chunk=args.chunk, mesh=args.mesh)
+            result = evaluation.perplexity(model, tokens, chunk=args.chunk, mesh=args.mesh,
+                                            kernels=args.kernels)
         else:
             records = _jsonl(args.data)
             outputs, accuracy = evaluation.evaluate_generation(model, records, args.max_new_tokens, args.batch_size,

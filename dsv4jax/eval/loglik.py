@@ -12,7 +12,8 @@ import dataclasses
 import numpy as np
 
 from dsv4jax.eval.buckets import batches_by_length
-from dsv4jax.eval.placement import Placement
+from dsv4jax.eval.scoring import token_logprobs
+from dsv4jax.model import init_state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,12 +31,15 @@ def _pair(model, context, continuation) -> tuple[list[int], list[int]]:
     return context, continuation
 
 
-def loglikelihood(model, pairs, batch_size: int = 8, pad_id: int = 0, mesh=None) -> list[LoglikResult]:
+def loglikelihood(model, pairs, batch_size: int = 8, pad_id: int = 0, mesh=None,
+                  kernels: str = "auto") -> list[LoglikResult]:
     """`pairs`: (context, continuation), each text or token ids. Results come back in the order given.
 
     `pad_id` fills padding rows and positions; it cannot change any result (tested). `mesh`: None (one device)
-    or a mesh spec such as "cp=2,tp=2,ep=2" (batch_size a multiple of dp)."""
-    placement = Placement(model, mesh)
+    or a mesh spec such as "cp=2,tp=2,ep=2" (batch_size a multiple of dp); `kernels` as in `Model.runner`."""
+    runner = model.runner(mesh, kernels)
+    runner.check_batch(batch_size)
+    params = runner.place_params(model.params)
     encoded = [_pair(model, c, x) for c, x in pairs]
     lengths = [len(c) + len(x) for c, x in encoded]
     results: list[LoglikResult | None] = [None] * len(encoded)
@@ -52,8 +56,9 @@ def loglikelihood(model, pairs, batch_size: int = 8, pad_id: int = 0, mesh=None)
             targets[row, :len(sequence) - 1] = sequence[1:]
             scored[row, len(context) - 1:len(sequence) - 1] = True
             real[row] = len(sequence)
-        placement.check(batch_size, width)
-        chosen, greedy, _ = placement.token_logprobs(placement.fresh_state(batch_size, width), ids, real, targets)
+        runner.check_chunk(width, "a batch")
+        state = runner.place_state(init_state(model.config, batch_size, width))
+        chosen, greedy, _ = token_logprobs(runner, params, state, ids, real, targets)
         chosen, greedy = np.asarray(chosen, np.float64), np.asarray(greedy)
         for row, item in enumerate(members):
             mask = scored[row]

@@ -7,18 +7,21 @@ import math
 
 import numpy as np
 
-from dsv4jax.eval.placement import Placement
+from dsv4jax.eval.scoring import token_logprobs
+from dsv4jax.model import init_state
 
 
-def perplexity(model, tokens, chunk: int = 512, mesh=None) -> dict:
+def perplexity(model, tokens, chunk: int = 512, mesh=None, kernels: str = "auto") -> dict:
     """tokens: text or ids (text gets BOS first). Returns the scored token count, mean NLL and perplexity.
-    `mesh`: None (one device) or a mesh spec (dp=1; each chunk is split over cp)."""
+    `mesh`: None (one device) or a mesh spec (dp=1; each chunk is split over cp); `kernels` as in `Model.runner`."""
     ids = model.encode(tokens)
     if len(ids) < 2:
         raise ValueError("perplexity needs at least two tokens")
-    placement = Placement(model, mesh)
-    placement.check(1, chunk)
-    state = placement.fresh_state(1, -(-len(ids) // chunk) * chunk)
+    runner = model.runner(mesh, kernels)
+    runner.check_batch(1)
+    runner.check_chunk(chunk)
+    params = runner.place_params(model.params)
+    state = runner.place_state(init_state(model.config, 1, -(-len(ids) // chunk) * chunk))
     total = 0.0
     for start in range(0, len(ids), chunk):
         piece = ids[start:start + chunk]
@@ -28,7 +31,7 @@ def perplexity(model, tokens, chunk: int = 512, mesh=None) -> dict:
         targets = np.zeros((1, chunk), np.int32)
         targets[0, :len(following)] = following
         scored = np.arange(chunk)[None] < len(following)
-        chosen, _, state = placement.token_logprobs(state, padded, np.array([len(piece)], np.int32), targets)
+        chosen, _, state = token_logprobs(runner, params, state, padded, np.array([len(piece)], np.int32), targets)
         total -= float(np.sum(np.asarray(chosen, np.float64)[scored]))
     count = len(ids) - 1
     return {"tokens": count, "nll": total / count, "perplexity": math.exp(total / count)}

@@ -25,11 +25,12 @@ import jax.numpy as jnp
 from dsv4jax.config import ModelConfig
 
 
-def _pytree(cls):
+def pytree_dataclass(cls):
+    """A frozen dataclass registered as a pytree (its fields are the leaves)."""
     return jax.tree_util.register_dataclass(dataclasses.dataclass(frozen=True)(cls))
 
 
-@_pytree
+@pytree_dataclass
 class PagedRows:
     """Compressed rows in fixed-size pages: row j of sequence b is pool[table[b, j // r], j % r]."""
 
@@ -83,7 +84,7 @@ def row_write(rows: jax.Array | PagedRows, index: jax.Array, valid: jax.Array, v
     return rows.at[batch, index].set(values.astype(rows.dtype), mode="drop")
 
 
-@_pytree
+@pytree_dataclass
 class CompressorState:
     kv: jax.Array  # [B, ring ≥ coff·m, coff·d_c] fp32 projections of the last `ring` positions
     gate: jax.Array  # [B, ring, coff·d_c] fp32 gate logits (+ ape) of the same positions
@@ -97,7 +98,7 @@ class CompressorState:
                                rows=jnp.zeros((batch, max(1, max_len // ratio), dim), dtype))  # ≥ 1: empty axes break gradients
 
 
-@_pytree
+@pytree_dataclass
 class LayerState:
     window: jax.Array  # [B, ring ≥ w, head_dim] raw K=V ring
     compressor: CompressorState | None  # CSA and HCA layers
@@ -114,7 +115,7 @@ class LayerState:
         return LayerState(window=window, compressor=compressor, indexer=indexer)
 
 
-@_pytree
+@pytree_dataclass
 class DecodeState:
     """State of a stack of layers (the main model's, or the MTP module's) for a batch of sequences."""
 

@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mesh", default=None, help="device mesh such as dp=1,cp=1,tp=1,ep=1 (omitted axes are 1)")
     parser.add_argument("--cp-mode", choices=["round-robin", "zigzag"], default="round-robin",
                         help="context-parallel token split for prefill")
+    parser.add_argument("--kernels", choices=["auto", "reference", "pallas"], default="auto",
+                        help="kernel implementation: Pallas kernels on GPUs where supported (auto), the pure-JAX "
+                        "references, or the kernels everywhere (an error where unsupported)")
     parser.add_argument("--speculative-steps", type=int, default=0, help="MTP draft tokens per step (0: off, 1-3)")
     parser.add_argument("--max-model-len", type=int, default=4096, help="prompt + generated tokens of one request")
     parser.add_argument("--max-running-requests", type=int, default=8, help="requests decoding at once")
@@ -105,7 +108,8 @@ def main(argv=None) -> int:
                               page_tokens=args.page_tokens, prefill_chunk=args.prefill_chunk,
                               speculative_steps=args.speculative_steps,
                               max_waiting_requests=args.max_waiting_requests, **tuning)
-        engine = Engine(model, config, mesh=mesh if mesh is not None and mesh.size > 1 else None)
+        runner = model.runner(mesh if mesh is not None and mesh.size > 1 else None, kernels=args.kernels)
+        engine = Engine(model, config, runner=runner)
         print(f"loaded {model.name} in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
         if not args.no_warmup:
             start = time.perf_counter()

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv4jax.config import ModelConfig
-from dsv4jax.model.state import CompressorState, DecodeState, LayerState, PagedRows, init_state
+from dsv4jax.model.state import CompressorState, DecodeState, LayerState, PagedRows, init_state, pytree_dataclass
 
 
 class OutOfPages(RuntimeError):
@@ -47,11 +47,7 @@ class PageAllocator:
         self._free.extend(reversed(pages))
 
 
-def _pytree(cls):
-    return jax.tree_util.register_dataclass(dataclasses.dataclass(frozen=True)(cls))
-
-
-@_pytree
+@pytree_dataclass
 class EngineCaches:
     """Device state of all slots. In `target` and `mtp`, compressor `rows` hold page pools [pages, r, d_c]."""
 

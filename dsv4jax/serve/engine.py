@@ -31,7 +31,9 @@ from dsv4jax.serve.cache import init_caches, pages_for
 from dsv4jax.serve.sampling import SamplingParams, SamplingRows
 from dsv4jax.serve.scheduler import AdmissionError, QueueFullError, Request, Scheduler, bucket_for, buckets
 from dsv4jax.serve.speculative import speculative_step
-from dsv4jax.serve.steps import Batch, ModelCalls, decode_step, prefill_step
+from dsv4jax.run import Runner
+from dsv4jax.sharding.mesh import MeshError
+from dsv4jax.serve.steps import Batch, decode_step, prefill_step
 
 __all__ = ["Engine", "EngineConfig", "AdmissionError", "QueueFullError", "RequestOutput", "Completion",
            "SamplingParams"]
@@ -124,9 +126,19 @@ class Completion:
 
 
 class Engine:
-    def __init__(self, model, config: EngineConfig = EngineConfig(), mesh=None, devices=None):
-        """`mesh`: None (one device) or a mesh spec such as "cp=2,tp=2,ep=2" (dp=1) over `devices` (default all)."""
+    def __init__(self, model, config: EngineConfig = EngineConfig(), mesh=None, devices=None,
+                 runner: Runner | None = None):
+        """Runs on `runner`, or on a new one over `mesh`: None (one device) or a spec such as "cp=2,tp=2,ep=2"
+        (dp=1: every sequence is on every rank) over `devices` (default all)."""
         config.validate(model.config)
+        self.runner = runner or Runner(model.graphdef, mesh, devices)
+        if self.runner.mesh is not None and self.runner.mesh.dp != 1:
+            raise MeshError(f"the serving engine keeps every sequence on every rank: use dp=1 (got "
+                            f"dp={self.runner.mesh.dp}); spread the model with cp, tp and ep instead")
+        unaligned = [c for c in config.chunk_buckets() if c % self.runner.alignment]
+        if unaligned:
+            raise ConfigError(f"prefill chunk sizes {unaligned} cannot be split over the mesh's cp ranks: make "
+                              f"prefill_chunk and prefill_buckets multiples of {self.runner.alignment}")
         self.model, self.config, self.tokenizer = model, config, model.tokenizer
         self.model_config = model.config
         steps = config.speculative_steps
@@ -135,18 +147,9 @@ class Engine:
         self.scheduler = Scheduler(config.max_running_requests, num_pages, config.page_tokens,
                                    self.pages_per_sequence, config.max_model_len, steps, config.max_waiting_requests)
         self.scratch_slot = config.max_running_requests
-        self.caches = init_caches(model.config, config.max_running_requests, num_pages, config.page_tokens, steps)
-        if mesh is None:
-            self.calls, self.params = ModelCalls(model.graphdef), model.params
-        else:
-            from dsv4jax.sharding.serving import MeshModelCalls
-
-            self.calls, self.params = MeshModelCalls.build(model.graphdef, model.params, mesh, devices)
-            self.caches = self.calls.replicate(self.caches)
-            unaligned = [c for c in config.chunk_buckets() if c % self.calls.alignment]
-            if unaligned:
-                raise ConfigError(f"prefill chunk sizes {unaligned} cannot be split over the mesh's cp ranks: make "
-                                  f"prefill_chunk and prefill_buckets multiples of {self.calls.alignment}")
+        self.caches = self.runner.replicate(init_caches(model.config, config.max_running_requests, num_pages,
+                                                        config.page_tokens, steps))
+        self.params = self.runner.place_params(model.params)
         self.decode_buckets = config.row_buckets(config.max_running_requests, config.decode_buckets)
         self.prefill_row_buckets = config.row_buckets(config.prefill_rows, config.prefill_row_buckets)
         self.chunk_buckets = config.chunk_buckets()
@@ -422,13 +425,13 @@ class Engine:
         batch = self._batch([], rows)
         donate = () if jax.default_backend() == "cpu" else (1,)  # XLA:CPU cannot reuse donated buffers
         if kind == "prefill":
-            function = functools.partial(prefill_step, self.calls, prompt_logprobs=self.config.prompt_logprobs)
+            function = functools.partial(prefill_step, self.runner, prompt_logprobs=self.config.prompt_logprobs)
             ids = np.zeros((rows, chunk), np.int32)
             example = (batch, ids, np.zeros((rows,), np.int32), ids, np.zeros((rows,), bool))
         else:
             steps = self.config.speculative_steps
-            function = (functools.partial(speculative_step, self.calls, steps=steps) if steps
-                        else functools.partial(decode_step, self.calls))
+            function = (functools.partial(speculative_step, self.runner, steps=steps) if steps
+                        else functools.partial(decode_step, self.runner))
             example = (batch, np.zeros((rows,), np.int32), np.zeros((rows,), bool))
         return jax.jit(function, donate_argnums=donate).lower(self.params, self.caches, *example)
 

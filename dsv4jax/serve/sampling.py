@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsv4jax.model.state import pytree_dataclass
+
 MAX_TOP_LOGPROBS = 20  # the most top-logprobs a request may ask for (OpenAI's limit); computed always
 
 # Purposes folded into a position's key, so that one (seed, position) never reuses a random draw.
@@ -74,11 +76,7 @@ class SamplingParams:
              "a number in (0, 10]")
 
 
-def _pytree(cls):
-    return jax.tree_util.register_dataclass(dataclasses.dataclass(frozen=True)(cls))
-
-
-@_pytree
+@pytree_dataclass
 class SamplingRows:
     """Per-row sampling parameters of a batch, as device arrays [B]."""
 

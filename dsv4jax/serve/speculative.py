@@ -25,7 +25,8 @@ import jax.numpy as jnp
 from dsv4jax.serve import sampling
 from dsv4jax.serve.cache import EngineCaches, gather_slots, scatter_slots
 from dsv4jax.serve.sampling import SamplingRows
-from dsv4jax.serve.steps import Batch, ModelCalls, emitted, penalty_rows, record_tokens
+from dsv4jax.run import Runner
+from dsv4jax.serve.steps import Batch, emitted, penalty_rows, record_tokens
 
 
 def _sample_probs(probs: jax.Array, keys: jax.Array) -> jax.Array:
@@ -66,7 +67,7 @@ def accept(drafts: jax.Array, draft_probs: jax.Array, target_probs: jax.Array, r
     return tokens, accepted
 
 
-def speculative_step(calls: ModelCalls, params, caches: EngineCaches, batch: Batch, ids, active, steps: int):
+def speculative_step(runner: Runner, params, caches: EngineCaches, batch: Batch, ids, active, steps: int):
     """One round for each active row: ids [b] = pending x_L. Returns caches and the emitted tokens (a+1 each)."""
     slots, starts, rows = batch.slots, batch.starts, batch.sampling
     one = active.astype(jnp.int32)
@@ -82,8 +83,8 @@ def speculative_step(calls: ModelCalls, params, caches: EngineCaches, batch: Bat
     streams, token = caches.last_streams[slots][:, None], ids
     drafts, draft_probs, history = [], [], [(counts, seen)]
     for i in range(steps):
-        hidden, streams, mtp_state = calls.mtp(params, mtp_state, streams, token[:, None], one, prefill=False)
-        filtered, probs = distribution(calls.logits(params, hidden[:, 0]), counts, seen)
+        hidden, streams, mtp_state = runner.mtp(params, mtp_state, streams, token[:, None], one, prefill=False)
+        filtered, probs = distribution(runner.logits(params, hidden[:, 0]), counts, seen)
         token = sampling.choose(filtered, rows, sampling.position_keys(rows, starts + 1 + i, sampling.DRAFT))
         drafts.append(token)
         draft_probs.append(probs)
@@ -95,9 +96,9 @@ def speculative_step(calls: ModelCalls, params, caches: EngineCaches, batch: Bat
     # 2. Verify the k+1 tokens in one target forward.
     state = gather_slots(caches.target, slots, starts, batch.tables)
     verify_ids = jnp.concatenate([ids[:, None], drafts], axis=1)
-    hidden, target_streams, state = calls.target(params, state, verify_ids, one * (steps + 1), prefill=False)
+    hidden, target_streams, state = runner.target(params, state, verify_ids, one * (steps + 1), prefill=False)
     caches = dataclasses.replace(caches, target=scatter_slots(caches.target, state, slots))
-    logits = calls.logits(params, hidden)  # [b, k+1, V]
+    logits = runner.logits(params, hidden)  # [b, k+1, V]
     target_probs = jnp.stack([distribution(logits[:, i], *history[i])[1] for i in range(steps + 1)], axis=1)
 
     # 3. Accept.
@@ -108,7 +109,7 @@ def speculative_step(calls: ModelCalls, params, caches: EngineCaches, batch: Bat
     # 4. Draft-extend over the accepted positions L..L+a−1, from the chain's state (its writes past L−1 are
     # invisible once the length is reset to L).
     mtp_state = dataclasses.replace(mtp_state, lengths=starts)
-    _, _, mtp_state = calls.mtp(params, mtp_state, target_streams[:, :steps], tokens[:, :steps], accepted * one,
+    _, _, mtp_state = runner.mtp(params, mtp_state, target_streams[:, :steps], tokens[:, :steps], accepted * one,
                                 prefill=False)
     last_streams = jnp.take_along_axis(target_streams, accepted[:, None, None, None], axis=1)[:, 0]
     caches = dataclasses.replace(caches, mtp=scatter_slots(caches.mtp, mtp_state, slots),

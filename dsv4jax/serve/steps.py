@@ -1,6 +1,6 @@
 """The engine's device steps, pure functions of (params, caches, batch, inputs) jitted once per shape bucket: a
-prefill chunk, a plain decode step (speculative decoding is in speculative.py). They reach the model through
-`ModelCalls`: directly on one device, or inside a shard_map over a mesh (dsv4jax/sharding/serving.py).
+prefill chunk, a plain decode step (speculative decoding is in speculative.py). They reach the model through the
+engine's `Runner` (dsv4jax/run.py): on one device, or over a mesh.
 
 A batch is a bucket of rows naming cache slots; padding rows name the scratch slot and process no tokens.
 """
@@ -11,19 +11,14 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
-
-from dsv4jax.run import last_real
+from dsv4jax.model.state import pytree_dataclass
+from dsv4jax.run import Runner, last_real
 from dsv4jax.serve import sampling
 from dsv4jax.serve.cache import EngineCaches, gather_slots, scatter_slots
 from dsv4jax.serve.sampling import SamplingRows
 
 
-def _pytree(cls):
-    return jax.tree_util.register_dataclass(dataclasses.dataclass(frozen=True)(cls))
-
-
-@_pytree
+@pytree_dataclass
 class Batch:
     slots: jax.Array  # [b] int32 cache slot of each row
     starts: jax.Array  # [b] int32 tokens the target has processed (the chunk's first position)
@@ -31,7 +26,7 @@ class Batch:
     sampling: SamplingRows
 
 
-@_pytree
+@pytree_dataclass
 class Emitted:
     """Tokens chosen by a step and their raw-model logprobs; `count` [b] of the `tokens` [b, T] are real."""
 
@@ -40,23 +35,6 @@ class Emitted:
     logprobs: jax.Array  # [b, T]
     top_ids: jax.Array  # [b, T, 20]
     top_logprobs: jax.Array  # [b, T, 20]
-
-
-class ModelCalls:
-    """The model as the steps use it, on one device. `prefill` says whether a call is a prompt chunk (which a mesh
-    splits over cp) or a few tokens per sequence (decode, verify, drafts: replicated over cp)."""
-
-    def __init__(self, graphdef: nnx.GraphDef):
-        self.graphdef = graphdef
-
-    def target(self, params, state, ids, num_new, prefill: bool):
-        return nnx.merge(self.graphdef, params)(ids, state, num_new)
-
-    def mtp(self, params, state, streams, next_ids, num_new, prefill: bool):
-        return nnx.merge(self.graphdef, params).mtp_forward(streams, next_ids, state, num_new)
-
-    def logits(self, params, hidden):
-        return nnx.merge(self.graphdef, params).logits(hidden)
 
 
 def penalty_rows(caches: EngineCaches, slots):
@@ -83,7 +61,7 @@ def emitted(logits, tokens, count) -> Emitted:
     return Emitted(tokens=tokens, count=count, logprobs=chosen, top_ids=top_ids, top_logprobs=top_values)
 
 
-def prefill_step(calls: ModelCalls, params, caches: EngineCaches, batch: Batch, ids, num_new, next_ids,
+def prefill_step(runner: Runner, params, caches: EngineCaches, batch: Batch, ids, num_new, next_ids,
                  final, prompt_logprobs: bool):
     """One prompt chunk per row: ids [b, C] at positions starts + 0..C−1 (num_new real), next_ids [b, C] the
     token after each (the prompt's own; unused at a prompt's last position). Rows whose prompt ends here
@@ -91,7 +69,7 @@ def prefill_step(calls: ModelCalls, params, caches: EngineCaches, batch: Batch, 
     (pairs (streams_t, x_{t+1}) for every t whose next token is a prompt token, ARCHITECTURE §12.1)."""
     slots, starts = batch.slots, batch.starts
     state = gather_slots(caches.target, slots, starts, batch.tables)
-    hidden, streams, state = calls.target(params, state, ids, num_new, prefill=True)
+    hidden, streams, state = runner.target(params, state, ids, num_new, prefill=True)
     caches = dataclasses.replace(caches, target=scatter_slots(caches.target, state, slots))
 
     # A fresh sequence starts with clean penalty rows; its prompt tokens are "seen" (repetition penalty).
@@ -102,31 +80,31 @@ def prefill_step(calls: ModelCalls, params, caches: EngineCaches, batch: Batch, 
     seen = seen.at[jnp.arange(ids.shape[0])[:, None], jnp.where(real, ids, seen.shape[1])].set(True, mode="drop")
     caches = dataclasses.replace(caches, counts=caches.counts.at[slots].set(counts), seen=caches.seen.at[slots].set(seen))
 
-    logits = calls.logits(params, last_real(hidden, num_new))
+    logits = runner.logits(params, last_real(hidden, num_new))
     token = sample_next(logits, batch, counts, seen, starts + num_new)
     first = emitted(logits[:, None], token[:, None], final.astype(jnp.int32))
     caches = record_tokens(caches, slots, token[:, None], final[:, None])
 
     prompt = None
     if prompt_logprobs:  # log p(x_{t+1} | x_≤t) for every chunk position (echo / lm-eval loglikelihood)
-        prompt = emitted(calls.logits(params, hidden), next_ids, num_new)
+        prompt = emitted(runner.logits(params, hidden), next_ids, num_new)
 
     if caches.mtp is not None:
         mtp_state = gather_slots(caches.mtp, slots, starts, batch.tables)
-        _, _, mtp_state = calls.mtp(params, mtp_state, streams, next_ids, num_new - final.astype(jnp.int32),
+        _, _, mtp_state = runner.mtp(params, mtp_state, streams, next_ids, num_new - final.astype(jnp.int32),
                                     prefill=True)
         caches = dataclasses.replace(caches, mtp=scatter_slots(caches.mtp, mtp_state, slots),
                                      last_streams=caches.last_streams.at[slots].set(last_real(streams, num_new)))
     return caches, first, prompt
 
 
-def decode_step(calls: ModelCalls, params, caches: EngineCaches, batch: Batch, ids, active):
+def decode_step(runner: Runner, params, caches: EngineCaches, batch: Batch, ids, active):
     """One token per row (ids [b] at positions `starts`; inactive rows change nothing) and the next token."""
     slots = batch.slots
     state = gather_slots(caches.target, slots, batch.starts, batch.tables)
-    hidden, _, state = calls.target(params, state, ids[:, None], active.astype(jnp.int32), prefill=False)
+    hidden, _, state = runner.target(params, state, ids[:, None], active.astype(jnp.int32), prefill=False)
     caches = dataclasses.replace(caches, target=scatter_slots(caches.target, state, slots))
-    logits = calls.logits(params, hidden[:, 0])
+    logits = runner.logits(params, hidden[:, 0])
     counts, seen = penalty_rows(caches, slots)
     token = sample_next(logits, batch, counts, seen, batch.starts + 1)
     caches = record_tokens(caches, slots, token[:, None], active[:, None])

@@ -1,4 +1,4 @@
-"""Named-mesh parallelism for DeepSeek-V4 (issue #3; /work/shared/spec/PARALLELISM.md).
+"""Named-mesh parallelism for DeepSeek-V4 (docs/PARALLELISM.md).
 
 One concept per file:
 - `mesh`: the `dp, cp, tp, ep` mesh from a spec string, with its checks;
@@ -7,20 +7,19 @@ One concept per file:
 - `context`: context-parallel token splits (round-robin, zigzag) and their gathers (§1);
 - `moe`: the MoE collectives under CP/DP (gather + reduce-scatter, all-to-all) (§3, §4);
 - `layout`: the `TokenLayout` the model sees inside `shard_map` (split + MoE collective);
-- `engine`: the jitted `shard_map` run paths (CP prefill, decode, MTP prefill);
 - `data`: host-side padding of a batch to the mesh;
 - `multihost`: `jax.distributed` start-up for several processes.
 - `all_to_all`: the MoE all-to-all mode (ragged_all_to_all on GPU, a dense all_to_all on CPU).
-Collectives appear only in `context`, `moe`, `all_to_all` (and `engine`'s shard_map boundary).
+Collectives appear only in `context`, `moe` and `all_to_all`; the one `shard_map` boundary is the runner's
+(dsv4jax/run.py). Nothing here imports `dsv4jax.serve` or `dsv4jax.eval`.
 
-Use:
+Use (through the one runner, dsv4jax/run.py):
 
     mesh = parse_mesh_spec("dp=1,cp=4,tp=1,ep=2", cp_mode="zigzag")   # dp_attention=, moe_mode=
-    device_mesh = make_mesh(mesh)                       # MeshError if the sizes do not fit the devices
-    graphdef, params = params.init_sharded(config, mesh, device_mesh)  # or params.load_sharded(path, ...)
-    runner = engine.ShardedRunner(graphdef, mesh, device_mesh)
-    ids, num_new = data.shape_prefill(ids, lengths, mesh)             # rows to dp, chunk to C / 2C
-    logits, streams, state = runner.prefill(params, init_state(config, ids.shape[0], max_len), ids, num_new)
+    graphdef, params = params.init_sharded(config, mesh, make_mesh(mesh))  # or params.load_sharded(path, ...)
+    runner = Runner(graphdef, mesh)                      # MeshError if the sizes do not fit the devices
+    ids, num_new = data.shape_prefill(ids, lengths, runner.mesh)       # rows to dp, chunk to C / 2C
+    logits, streams, state = runner.prefill(params, runner.place_state(init_state(config, B, max_len)), ids, num_new)
     logits, streams, state = runner.decode(params, state, next_ids, active)
 """
 

@@ -15,26 +15,10 @@ ragged_all_to_all, so on CPU a dense `all_to_all` sends each peer a fixed-capaci
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 
 from dsv4jax.sharding.moe import _shard_index, reduce_scatter_rows
-
-
-# XLA's default ragged all-to-all within one host is a one-shot copy kernel that moved ~5 GB/s on 2×H200 (ep=2, 8k
-# tokens: 132 ms per MoE layer, of which 113 ms per GPU in that kernel; openxla/xla#33386). Decomposed into a dense
-# all-to-all and copies it took 12.6 ms (bench/results/multi-gpu-nvidia-h200-x2-ep-a2a-*.json).
-DECOMPOSE_RAGGED_ALL_TO_ALL = "--xla_gpu_unsupported_enable_ragged_all_to_all_decomposer=true"
-
-
-def prefer_decomposed_ragged_all_to_all(environ=os.environ) -> None:
-    """Add DECOMPOSE_RAGGED_ALL_TO_ALL to XLA_FLAGS unless it names the decomposer already (the user's choice
-    stands). XLA reads the flags when its backend starts, so this runs when dsv4jax is imported."""
-    flags = environ.get("XLA_FLAGS", "")
-    if "ragged_all_to_all_decomposer" not in flags:
-        environ["XLA_FLAGS"] = f"{flags} {DECOMPOSE_RAGGED_ALL_TO_ALL}".strip()
 
 
 def _group(c):

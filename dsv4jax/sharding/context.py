@@ -24,6 +24,12 @@ import numpy as np
 ROUND_ROBIN, ZIGZAG = "round_robin", "zigzag"
 
 
+def alignment(mode: str, size: int) -> int:
+    """Chunk lengths split over `size` cp ranks are multiples of this: C for round-robin, 2C for zigzag (§1.1,
+    `get_cp_padding_align_size`); 1 without cp."""
+    return 1 if size == 1 else size if mode == ROUND_ROBIN else 2 * size
+
+
 @dataclasses.dataclass(frozen=True)
 class SequenceSplit:
     mode: str  # ROUND_ROBIN or ZIGZAG
@@ -40,8 +46,7 @@ class SequenceSplit:
 
     @property
     def align(self) -> int:
-        """Padding alignment: C for round-robin, 2C for zigzag (§1.1, `get_cp_padding_align_size`)."""
-        return self.size if self.mode == ROUND_ROBIN else 2 * self.size
+        return alignment(self.mode, self.size)
 
     @property
     def local_length(self) -> int:

@@ -8,14 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from dsv4jax.sharding.context import alignment
 from dsv4jax.sharding.mesh import MeshConfig
-
-
-def chunk_alignment(mesh: MeshConfig) -> int:
-    """C for round-robin, 2C for zigzag (`get_cp_padding_align_size`)."""
-    if mesh.cp == 1:
-        return 1
-    return mesh.cp if mesh.cp_mode == "round_robin" else 2 * mesh.cp
 
 
 def pad_chunk(ids: np.ndarray, align: int, fill: int = 0) -> np.ndarray:
@@ -34,5 +28,5 @@ def pad_batch(rows: np.ndarray, multiple: int, fill=0) -> np.ndarray:
 
 def shape_prefill(ids: np.ndarray, num_new, mesh: MeshConfig) -> tuple[np.ndarray, np.ndarray]:
     """(ids [B,S], num_new [B]) -> padded to the mesh: rows to a multiple of dp, S to the CP alignment."""
-    ids = pad_chunk(np.asarray(ids, np.int32), chunk_alignment(mesh))
+    ids = pad_chunk(np.asarray(ids, np.int32), alignment(mesh.cp_mode, mesh.cp))
     return pad_batch(ids, mesh.dp), pad_batch(np.asarray(num_new, np.int32), mesh.dp)

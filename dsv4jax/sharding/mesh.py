@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import warnings
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
+from dsv4jax.compat import backends_started
 from dsv4jax.config import ModelConfig
 
 AXES = ("dp", "cp", "tp", "ep")
@@ -79,7 +82,7 @@ class MeshConfig:
         used = set(self.expert_axes) | set(self.moe_mlp_axes)
         return tuple(a for a in AXES if a in used)
 
-    def check_model(self, config: ModelConfig, batch: int | None = None) -> None:
+    def check_model(self, config: ModelConfig) -> None:
         """Raise MeshError if a mesh axis does not divide what it shards."""
         experts = self.axis_size(self.expert_axes)
         if config.n_routed_experts % experts:
@@ -94,8 +97,6 @@ class MeshConfig:
         if config.n_shared_experts and config.moe_intermediate_size % shared:
             raise MeshError(f"the shared expert's intermediate size {config.moe_intermediate_size} is split over all "
                             f"MoE axes ({shared} devices) and must be divisible by it")
-        if batch is not None and batch % self.dp:
-            raise MeshError(f"batch {batch} is not a multiple of dp={self.dp}; pad it with `data.pad_batch`")
 
 
 def parse_mesh_spec(spec: str, **options) -> MeshConfig:
@@ -113,10 +114,36 @@ def parse_mesh_spec(spec: str, **options) -> MeshConfig:
     return MeshConfig(**sizes, **options)
 
 
-def make_mesh(config: MeshConfig | str, devices=None) -> Mesh:
-    """The mesh over `devices` (default: all devices of all processes), axes dp, cp, tp, ep, all Auto."""
-    if isinstance(config, str):
-        config = parse_mesh_spec(config)
+# XLA's default ragged all-to-all within one host is a one-shot copy kernel that moved ~5 GB/s on 2×H200 (ep=2, 8k
+# tokens: 132 ms per MoE layer, of which 113 ms per GPU in that kernel; openxla/xla#33386). Decomposed into a dense
+# all-to-all and copies it took 12.6 ms (bench/results/multi-gpu-nvidia-h200-x2-ep-a2a-*.json).
+DECOMPOSE_RAGGED_ALL_TO_ALL = "--xla_gpu_unsupported_enable_ragged_all_to_all_decomposer=true"
+
+
+def prefer_decomposed_ragged_all_to_all(environ=None) -> bool:
+    """Add DECOMPOSE_RAGGED_ALL_TO_ALL to XLA_FLAGS unless they name the decomposer already (the user's choice
+    stands). XLA reads its flags when its backend starts: returns False (and changes nothing) if it has started
+    without them, so the caller can say so."""
+    environ = os.environ if environ is None else environ
+    flags = environ.get("XLA_FLAGS", "")
+    if "ragged_all_to_all_decomposer" in flags:
+        return True
+    if backends_started():
+        return False
+    environ["XLA_FLAGS"] = f"{flags} {DECOMPOSE_RAGGED_ALL_TO_ALL}".strip()
+    return True
+
+
+def make_mesh(config: MeshConfig, devices=None) -> Mesh:
+    """The mesh over `devices` (default: all devices of all processes), axes dp, cp, tp, ep, all Auto.
+
+    A mesh whose MoE exchanges pairs (`moe_mode="all_to_all"` with experts split) first asks XLA for the
+    decomposed ragged all-to-all, which only works before XLA's backend starts: build such a mesh before any
+    other JAX work (the server and benchmarks do), or set XLA_FLAGS yourself."""
+    if config.moe_mode == "all_to_all" and config.expert_axes and not prefer_decomposed_ragged_all_to_all():
+        warnings.warn(f"XLA started before this all-to-all mesh was built, without {DECOMPOSE_RAGGED_ALL_TO_ALL}: "
+                      f"on GPUs the MoE exchange will use XLA's slow one-shot ragged all-to-all; build the mesh "
+                      f"before other JAX work or add that flag to XLA_FLAGS", stacklevel=2)
     devices = list(jax.devices() if devices is None else devices)
     if config.size != len(devices):
         shape = ",".join(f"{a}={n}" for a, n in config.shape.items())

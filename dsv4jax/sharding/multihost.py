@@ -53,20 +53,19 @@ def demo_prefill_logits(mesh_spec: str, config_path: str, lengths=(157, 151, 139
     """A CP prefill of a fixed batch on the tiny config (fp32, random weights from `seed`): logits [B,S,V]."""
     from dsv4jax.config import load_config
     from dsv4jax.model import init_state
+    from dsv4jax.run import Runner
     from dsv4jax.sharding.data import shape_prefill
-    from dsv4jax.sharding.engine import ShardedRunner
     from dsv4jax.sharding.mesh import make_mesh, parse_mesh_spec
     from dsv4jax.sharding.params import init_sharded
 
     config = load_config(config_path, dtype="float32")
     mesh = parse_mesh_spec(mesh_spec, **mesh_options)
-    device_mesh = make_mesh(mesh)
-    graphdef, params = init_sharded(config, mesh, device_mesh, seed)
+    graphdef, params = init_sharded(config, mesh, make_mesh(mesh), seed)
+    runner = Runner(graphdef, mesh, compiler_options={"xla_backend_optimization_level": 0})
     ids = np.random.default_rng(seed + 1).integers(0, config.vocab_size, (len(lengths), max(lengths))).astype(np.int32)
     ids, num_new = shape_prefill(ids, lengths, mesh)
-    state = replicated(init_state(config, ids.shape[0], 320), device_mesh)
-    runner = ShardedRunner(graphdef, mesh, device_mesh, {"xla_backend_optimization_level": 0})
-    logits, _, _ = runner.forward(params, state, *replicated((ids, num_new), device_mesh))
+    state = replicated(init_state(config, ids.shape[0], 320), runner.device_mesh)
+    logits, _, _ = runner.forward(params, state, *replicated((ids, num_new), runner.device_mesh))
     return local_value(logits)
 
 
