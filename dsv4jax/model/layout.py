@@ -14,6 +14,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from dsv4jax.model.moe import ONE_DEVICE, Collectives
+
 KERNEL_CHOICES = ("auto", "reference", "pallas")
 
 
@@ -44,9 +46,10 @@ class TokenLayout:
         """Per-token values of the local tokens [B, S_local, ...] -> the whole chunk [B, S, ...] in token order."""
         return x
 
-    def moe(self, moe, x: jax.Array, ids: jax.Array) -> jax.Array:
-        """The MoE sub-layer on the local tokens x [B, S_local, D] with their token ids (hash routing)."""
-        return moe(x, ids)
+    @property
+    def moe_collectives(self) -> Collectives:
+        """How the MoE reaches tokens and experts on other devices (model/moe.py): here, none (one device)."""
+        return ONE_DEVICE
 
 
 IDENTITY = TokenLayout()

@@ -1,5 +1,15 @@
 """Mixture of experts: sqrt-softplus router with selection bias or hash routing, clamped SwiGLU routed and
-shared experts, fp32 accumulation (ARCHITECTURE §9)."""
+shared experts, fp32 accumulation (ARCHITECTURE §9).
+
+`MoE.__call__` is the one composition (gate -> routed experts -> shared expert) for every placement. Where the
+tokens and experts of a call live enters as `Collectives`, collective functions over arrays handed in by the token
+layout: the identity on one device (this module), the gather and all-to-all modes under a mesh
+(dsv4jax/sharding/moe.py, PARALLELISM §3, §4). Which experts a device computes is an `ExpertPlacement`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -77,9 +87,102 @@ class Experts(nnx.Module):
         self.w3 = nnx.Param(fan_in_normal(rngs, (e, i, d), dtype), axes=("expert", "moe_mlp", "embed"))
         self.w2 = nnx.Param(fan_in_normal(rngs, (e, d, i), dtype), axes=("expert", "embed", "moe_mlp"))
 
+    @property
+    def count(self) -> int:
+        """Experts held here (all of them on one device, this device's block under a mesh)."""
+        return self.w1.shape[0]
+
     def __call__(self, x, experts, weights) -> jax.Array:
+        """x [R, D], local expert ids [R, k] (the drop id skips a pair, see ExpertPlacement), weights [R, k] ->
+        Σ_k weight·expert(x) [R, D] fp32."""
         return routed_experts(x, experts, weights, self.w1[...], self.w3[...], self.w2[...], self.limit,
                               self.simulate_fp8_activations)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertPlacement:
+    """Which routed experts this device computes.
+
+    The expert axis is split into equal blocks of `count` experts, one per device of the expert group in shard
+    order: expert e is local expert e % count of device e // count. This device's block starts at global id
+    `offset` (traced from `axis_index` under `shard_map`); `offset` None: the ids reaching the experts here are
+    local already (one device holds every expert; the all-to-all exchange sends each owner local ids).
+
+    Dropped pairs, one convention for every placement: a (token, expert) pair that is not to be computed here (its
+    expert is held elsewhere, or it fills an unused slot of an exchange buffer) carries the local expert id
+    `count` (`drop_id`). `routed_experts` skips such pairs: they cost no expert work and add nothing.
+    """
+
+    count: int
+    offset: jax.Array | int | None = None
+
+    @property
+    def drop_id(self) -> int:
+        return self.count
+
+    def keep(self, kept: jax.Array, local: jax.Array) -> jax.Array:
+        """Local expert ids where `kept`, the drop id elsewhere."""
+        return jnp.where(kept, local, self.drop_id)
+
+    def localize(self, experts: jax.Array) -> jax.Array:
+        """Global expert ids -> this device's local ids; the drop id for experts held elsewhere."""
+        if self.offset is None:
+            return experts
+        local = experts - self.offset
+        return self.keep((local >= 0) & (local < self.count), local)
+
+    def owner(self, experts: jax.Array) -> jax.Array:
+        """Global expert ids -> the index of the device holding each, in the expert group."""
+        return experts // self.count
+
+    def local(self, experts: jax.Array) -> jax.Array:
+        """Global expert ids -> local ids on their owner."""
+        return experts % self.count
+
+
+class Collectives:
+    """How the MoE reaches tokens and experts on other devices: collective functions over arrays, handed in by the
+    token layout (`TokenLayout.moe_collectives`). This base is one device: every expert is here and every hook is
+    the identity. The mesh-aware modes (dsv4jax/sharding/moe.py) never see the MoE module, only arrays and the
+    `compute` function of `exchange`.
+
+    Gather mode (`exchanges_pairs` False): tokens travel. `gather` brings the rows of every device sharing this
+    one's weight shards, the partial sums of routed and shared experts for them are added, and one `reduce` returns
+    this device's rows fully reduced. All-to-all mode (True): pairs travel. `dispatch` picks the tokens this device
+    routes, `exchange` sends each (token, expert) pair to its expert's owner and the weighted output back,
+    `combine` sums the weight shards and returns the local tokens' rows; the shared expert goes the gather way.
+    """
+
+    exchanges_pairs = False
+
+    def gather(self, rows: jax.Array) -> jax.Array:
+        """Per-token values of the local tokens [T, ...] -> those of the token group, rank-major."""
+        return rows
+
+    def reduce(self, partial: jax.Array) -> jax.Array:
+        """fp32 partial sums for the gathered rows -> the local tokens' rows, reduced over every weight shard."""
+        return partial
+
+    def placement(self, count: int) -> ExpertPlacement:
+        """Where the routed experts live, `count` of them being held here."""
+        return ExpertPlacement(count)
+
+    def dispatch(self, x: jax.Array, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Local tokens [T, D] and ids [T] -> those this device routes."""
+        return x, ids
+
+    def exchange(self, x: jax.Array, experts: jax.Array, weights: jax.Array, placement: ExpertPlacement,
+                 compute) -> jax.Array:
+        """Tokens [R, D] with their routing (global ids, weights [R, k]) -> Σ_k weight·expert(x) [R, D] fp32 of the
+        experts reached here; compute(rows, local ids, weights) runs this device's experts."""
+        return compute(x, placement.localize(experts), weights)
+
+    def combine(self, routed: jax.Array, tokens: int) -> jax.Array:
+        """`exchange`'s output for the dispatched tokens -> the rows of the `tokens` local tokens, fully reduced."""
+        return routed
+
+
+ONE_DEVICE = Collectives()
 
 
 class MoE(nnx.Module):
@@ -88,14 +191,29 @@ class MoE(nnx.Module):
         self.experts = Experts(config, dtype, rngs)
         self.shared_experts = SharedExpert(config, dtype, rngs) if config.n_shared_experts else None
 
-    def __call__(self, x: jax.Array, ids: jax.Array) -> jax.Array:
-        """x [B,S,D] (after ffn_norm), ids [B,S] token ids (hash routing) -> [B,S,D] in x.dtype."""
-        flat = x.reshape(-1, x.shape[-1])
+    def __call__(self, x: jax.Array, ids: jax.Array, collectives: Collectives = ONE_DEVICE) -> jax.Array:
+        """x [B,S,D] local tokens (after ffn_norm), ids [B,S] token ids (hash routing) -> [B,S,D] in x.dtype."""
+        c = collectives
+        flat, flat_ids = x.reshape(-1, x.shape[-1]), ids.reshape(-1)
+        if c.exchanges_pairs:
+            rows, row_ids = c.dispatch(flat, flat_ids)
+        else:  # the ids travel with their tokens, so hash routing sees the gathered rows' ids (PARALLELISM §3.1)
+            rows, row_ids = c.gather(flat), c.gather(flat_ids)
         with jax.named_scope("gate"):
-            experts, weights = self.gate(flat, ids.reshape(-1))
-        record(self, "routed_experts", experts.reshape(*x.shape[:-1], -1))
-        out = self.experts(flat, experts, weights)
-        if self.shared_experts is not None:
-            with jax.named_scope("shared_expert"):
-                out = out + self.shared_experts(flat).astype(jnp.float32)
+            experts, weights = self.gate(rows, row_ids)
+        if c is ONE_DEVICE:  # inspection (dsv4jax.inspect) runs on one device
+            record(self, "routed_experts", experts.reshape(*x.shape[:-1], -1))
+        out = c.exchange(rows, experts, weights, c.placement(self.experts.count), self.experts)
+        if c.exchanges_pairs:
+            out = c.combine(out, flat.shape[0])
+            if self.shared_experts is not None:
+                out = out + c.reduce(self._shared(c.gather(flat)))
+        else:
+            if self.shared_experts is not None:  # its own intermediate slice: a partial sum too
+                out = out + self._shared(rows)
+            out = c.reduce(out)  # one reduction of the whole partial sum, before any slicing (PARALLELISM §4)
         return out.astype(x.dtype).reshape(x.shape)
+
+    def _shared(self, rows: jax.Array) -> jax.Array:
+        with jax.named_scope("shared_expert"):
+            return self.shared_experts(rows).astype(jnp.float32)

@@ -92,7 +92,3 @@ class SequenceSplit:
         all-gather over cp (rank-major) and re-order (`cp_all_gather_rerange_output`, §1.1)."""
         full = jax.lax.all_gather(x, self.axis, axis=1, tiled=True)
         return jnp.take(full, self.token_order(), axis=1)
-
-    def split(self, x: jax.Array) -> jax.Array:
-        """The whole chunk [B, S, ...] in token order -> this rank's tokens [B, S/C, ...] (no communication)."""
-        return jnp.take(x, self.local_offsets(), axis=1)

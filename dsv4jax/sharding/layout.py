@@ -7,6 +7,7 @@ import dataclasses
 import jax
 
 from dsv4jax.model.layout import TokenLayout
+from dsv4jax.model.moe import Collectives
 from dsv4jax.sharding.context import SequenceSplit
 from dsv4jax.sharding.mesh import MeshConfig
 from dsv4jax.sharding.moe import MoECollective
@@ -37,5 +38,6 @@ class ShardedLayout(TokenLayout):
     def gather_chunk(self, x: jax.Array) -> jax.Array:
         return self.split.gather(x) if self.split else x
 
-    def moe(self, moe, x: jax.Array, ids: jax.Array) -> jax.Array:
-        return self.collective(moe, x, ids)
+    @property
+    def moe_collectives(self) -> Collectives:
+        return self.collective if self.collective is not None else super().moe_collectives

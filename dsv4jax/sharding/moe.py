@@ -1,4 +1,7 @@
-"""The MoE sub-layer when tokens and MoE weights are spread over the mesh (PARALLELISM §3, §4).
+"""The MoE's collectives when tokens and MoE weights are spread over the mesh (PARALLELISM §3, §4).
+
+The MoE composes itself (`dsv4jax.model.moe.MoE`); `MoECollective` implements its `Collectives` hooks for a mesh,
+as functions over arrays: it never sees the MoE's modules or weights.
 
 Inside `shard_map` each device holds its tokens (split over dp, and over cp during a prefill) and a shard of the
 MoE weights: routed experts [E/(cp·ep)] with the intermediate axis split over tp (and dp under DP attention),
@@ -14,8 +17,8 @@ Gather mode (§3.1 non-DeepEP, §4 DP attention + TP MoE):
   Rows of all dp ranks have the same padded shape (`data.pad_batch`), i.e. SGLang's MAX_LEN padding.
 
 All-to-all mode (§3.2 DeepEP): tokens stay put; each (token, expert) pair is sent to the expert's owner and the
-weighted outputs come back. On GPU with `jax.lax.ragged_all_to_all`; XLA:CPU has no ragged_all_to_all, so on CPU
-the same exchange uses a dense `all_to_all` with one fixed-capacity slot per pair.
+weighted outputs come back (dsv4jax/sharding/all_to_all.py). On GPU with `jax.lax.ragged_all_to_all`; XLA:CPU has
+no ragged_all_to_all, so on CPU the same exchange uses a dense `all_to_all` with one fixed-capacity slot per pair.
 """
 
 from __future__ import annotations
@@ -23,33 +26,10 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 
+from dsv4jax.model.moe import Collectives, ExpertPlacement
+from dsv4jax.sharding.all_to_all import _shard_index, exchange_pairs, merge_replicas, split_replicas
 from dsv4jax.sharding.mesh import MeshConfig
-
-
-def _shard_index(axes: tuple[str, ...], sizes: tuple[int, ...]) -> jax.Array:
-    """Linear index of this device along `axes` (major first), as PartitionSpec((axes...)) lays shards out."""
-    index = jnp.int32(0)
-    for axis, size in zip(axes, sizes):
-        index = index * size + jax.lax.axis_index(axis)
-    return index
-
-
-def moe_partial(moe, x: jax.Array, ids: jax.Array, expert_axes: tuple[str, ...], expert_sizes: tuple[int, ...]):
-    """fp32 partial MoE output of this device's weight shards for tokens x [T, D] with ids [T].
-
-    Routing is global (the router is replicated); choices of experts owned elsewhere are dropped here (expert id
-    local_count), so that each device computes only its own experts' pairs.
-    """
-    experts, weights = moe.gate(x, ids)
-    local_count = moe.experts.w1.shape[0]
-    local = experts - _shard_index(expert_axes, expert_sizes) * local_count
-    mine = (local >= 0) & (local < local_count)
-    out = moe.experts(x, jnp.where(mine, local, local_count), weights)
-    if moe.shared_experts is not None:
-        out = out + moe.shared_experts(x).astype(jnp.float32)  # its own intermediate slice: a partial sum too
-    return out
 
 
 def reduce_scatter_rows(partial: jax.Array, gather_axes: tuple[str, ...], reduce_axes: tuple[str, ...]) -> jax.Array:
@@ -62,7 +42,7 @@ def reduce_scatter_rows(partial: jax.Array, gather_axes: tuple[str, ...], reduce
 
 
 @dataclasses.dataclass(frozen=True)
-class MoECollective:
+class MoECollective(Collectives):
     """How the MoE reaches all of its weight shards for the tokens of one call."""
 
     gather_axes: tuple[str, ...]  # axes splitting both tokens and MoE weights
@@ -82,14 +62,49 @@ class MoECollective:
                              mode=mesh.moe_mode)
 
     def __call__(self, moe, x: jax.Array, ids: jax.Array) -> jax.Array:
-        """x [B,S,D] local tokens (after ffn_norm), ids [B,S] -> [B,S,D] in x.dtype."""
-        if self.mode == "all_to_all" and self.expert_axes:
-            from dsv4jax.sharding.all_to_all import moe_all_to_all
-            return moe_all_to_all(moe, x, ids, self)
-        flat, flat_ids = x.reshape(-1, x.shape[-1]), ids.reshape(-1)
-        if self.gather_axes:  # rank-major rows; the ids travel with their tokens (#24947)
-            flat = jax.lax.all_gather(flat, self.gather_axes, axis=0, tiled=True)
-            flat_ids = jax.lax.all_gather(flat_ids, self.gather_axes, axis=0, tiled=True)
-        partial = moe_partial(moe, flat, flat_ids, self.expert_axes, self.expert_sizes)
-        out = reduce_scatter_rows(partial, self.gather_axes, self.reduce_axes)  # #27191: reduce before slicing
-        return out.astype(x.dtype).reshape(x.shape)
+        """The MoE sub-layer on the local tokens x [B,S,D] with ids [B,S] (the MoE composes; this calls it)."""
+        return moe(x, ids, self)
+
+    @property
+    def exchanges_pairs(self) -> bool:
+        return self.mode == "all_to_all" and bool(self.expert_axes)
+
+    # ---- gather mode (and the shared expert of the all-to-all mode) ----------------------------------------------
+    def gather(self, rows: jax.Array) -> jax.Array:
+        if not self.gather_axes:
+            return rows
+        return jax.lax.all_gather(rows, self.gather_axes, axis=0, tiled=True)  # rank-major
+
+    def reduce(self, partial: jax.Array) -> jax.Array:
+        return reduce_scatter_rows(partial, self.gather_axes, self.reduce_axes)
+
+    def placement(self, count: int) -> ExpertPlacement:
+        if self.exchanges_pairs:  # each pair's owner receives local ids
+            return ExpertPlacement(count)
+        return ExpertPlacement(count, _shard_index(self.expert_axes, self.expert_sizes) * count)
+
+    # ---- all-to-all mode ---------------------------------------------------------------------------------------
+    @property
+    def _replicas(self) -> tuple[tuple[str, ...], tuple[int, ...]]:
+        """The expert axes over which this call's tokens are replicated, and their sizes."""
+        sizes = dict(zip(self.expert_axes, self.expert_sizes))
+        axes = tuple(a for a in self.expert_axes if a not in self.gather_axes)
+        return axes, tuple(sizes[a] for a in axes)
+
+    def dispatch(self, x: jax.Array, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return split_replicas(x, ids, *self._replicas)
+
+    def exchange(self, x, experts, weights, placement: ExpertPlacement, compute) -> jax.Array:
+        if not self.exchanges_pairs:
+            return super().exchange(x, experts, weights, placement, compute)
+        return exchange_pairs(x, experts, weights, placement, compute, self.expert_axes, self.expert_sizes)
+
+    def combine(self, routed: jax.Array, tokens: int) -> jax.Array:
+        mlp_axes = tuple(a for a in self.reduce_axes + self.gather_axes if a not in self.expert_axes)
+        return merge_replicas(routed, tokens, *self._replicas, mlp_axes)
+
+
+def moe_partial(moe, x: jax.Array, ids: jax.Array, expert_axes: tuple[str, ...], expert_sizes: tuple[int, ...]):
+    """The MoE's partial output (in x.dtype) of this device's weight shards for rows x [T, D] with ids [T], left
+    unreduced: the gather mode with nothing gathered and nothing reduced (tests build wrong reductions from it)."""
+    return moe(x, ids, MoECollective((), (), expert_axes, expert_sizes))
