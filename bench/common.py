@@ -18,6 +18,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -45,6 +46,12 @@ def git_commit() -> str:
         return commit + ("+dirty" if dirty else "") if commit else "unknown"
     except OSError:
         return "unknown"
+
+
+def rel_l2(a, b) -> float:
+    """‖a − b‖ / ‖b‖ in float64."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def median_seconds(fn, *args, warmup: int = 3, iters: int = 20) -> float:

@@ -334,10 +334,6 @@ def run_request(engine, prompt: list[int], decode_steps: int, max_tokens: int) -
 # ------------------------------------------------------------------------------------------------------------------
 # correctness (small models): the loaded params against the host path, the mesh against one device
 
-def _rel_l2(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
 def check(directory: Path, params, mesh, device_mesh, prompt: list[int], first_token: int | None) -> dict:
     """bf16: the loaded params equal the host path's (`read_host_params` + `shard_host_params`) bit for bit;
     first-token logits over the mesh vs one device. fp32 (the same checkpoint loaded sharded in fp32): the same
@@ -369,14 +365,14 @@ def check(directory: Path, params, mesh, device_mesh, prompt: list[int], first_t
         return np.asarray(one, np.float32)[0], np.asarray(many, np.float32)[0]
 
     one, many = first_logits("bfloat16", params, graphdef)
-    result["first_token_logits_rel_l2_mesh_vs_one_device_bf16"] = _rel_l2(many, one)
+    result["first_token_logits_rel_l2_mesh_vs_one_device_bf16"] = rel_l2(many, one)
     result["logits_finite"] = bool(np.isfinite(many).all())
     result["argmax_equal_bf16"] = int(many.argmax()) == int(one.argmax())
     if first_token is not None:
         result["engine_first_token_equals_one_device_argmax"] = first_token == int(one.argmax())
     _, graphdef32, params32 = load_sharded(directory, mesh, device_mesh, "float32", progress=False, threads=2)
     one, many = first_logits("float32", params32, graphdef32)
-    result["first_token_logits_rel_l2_mesh_vs_one_device_fp32"] = _rel_l2(many, one)
+    result["first_token_logits_rel_l2_mesh_vs_one_device_fp32"] = rel_l2(many, one)
     return result
 
 

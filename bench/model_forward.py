@@ -23,7 +23,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from bench.common import device_slug, median_seconds, random_model, write_results  # noqa: E402
+from bench.common import device_slug, median_seconds, random_model, rel_l2, write_results  # noqa: E402
 from dsv4jax.run import Runner  # noqa: E402
 from dsv4jax.config import load_config  # noqa: E402
 from dsv4jax.model import DeepseekV4, init_state  # noqa: E402
@@ -39,11 +39,6 @@ def build_model(path: str, seed: int = 0):
     graphdef, params = model.graphdef, model.params
     count = sum(x.size for x in jax.tree.leaves(params))
     return config, graphdef, params, count, time.perf_counter() - start
-
-
-def rel_l2(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def jitted(fn, graphdef, implementation):

@@ -82,10 +82,6 @@ class ModelConfig:
     def nope_head_dim(self) -> int:
         return self.head_dim - self.rope_head_dim
 
-    @property
-    def hc_mix_dim(self) -> int:
-        return (2 + self.hc_mult) * self.hc_mult
-
     def compress_ratio(self, layer: int) -> int:
         """Ratio of main layer `layer`, or of the MTP layer when `layer == num_hidden_layers`."""
         return self.compress_ratios[layer]

@@ -334,11 +334,6 @@ def hf_chunked(model: DeepseekV4ForCausalLM, tokens: Sequence[int], chunk_sizes:
     return np.concatenate(outs, axis=0)
 
 
-def rel_l2(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
 def max_abs(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
 

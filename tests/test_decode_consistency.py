@@ -13,19 +13,13 @@ from flax import nnx
 
 from dsv4jax.config import load_config
 from dsv4jax.model import DeepseekV4, init_state
+from numerics import rel_l2
 
 CFG = load_config("configs/test-tiny.json", dtype="float32")  # ratios (0, 4, 128, 4) + MTP, 16 indexer heads
 MAX_LEN = 320  # one state shape everywhere: each (batch, chunk) pair compiles once
 TOL = 1e-5
 # LLVM optimisation off for these jits only: compiles ~3x faster on CPU; every compared path uses the same options.
 JIT_OPTIONS = {"xla_backend_optimization_level": 0}
-
-
-def rel(a, b) -> float:
-    """||a − b|| / ||b|| in float64 (0 when both are zero)."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    diff, ref = np.linalg.norm(a - b), np.linalg.norm(b)
-    return float(diff / ref) if ref else float(diff)
 
 
 def tokens(seed: int, shape) -> np.ndarray:
@@ -56,7 +50,7 @@ def real_entries(state, row: int, length: int, mtp: bool = False) -> dict:
 def state_rel(a, b) -> float:
     """Largest per-entry relative L2 difference of two `real_entries` dicts."""
     assert a.keys() == b.keys()
-    return max(rel(a[k], b[k]) for k in a)
+    return max(rel_l2(a[k], b[k]) for k in a)
 
 
 def states_bitwise_equal(a, b) -> bool:
@@ -120,7 +114,7 @@ def test_decode_steps_match_full_prefill(run):
         logits, _, state = run.forward(ids[:, t:t + 1], state)
         outs.append(logits)
     decoded = np.concatenate(outs, axis=1)
-    r_all, r_steps = rel(decoded, full), rel(decoded[:, 300:], full[:, 300:])
+    r_all, r_steps = rel_l2(decoded, full), rel_l2(decoded[:, 300:], full[:, 300:])
     r_state = max(state_rel(real_entries(state, b, 316), real_entries(full_state, b, 316)) for b in range(2))
     print(f"\n[decode] logits rel all={r_all:.2e} decode-steps={r_steps:.2e}; state rel={r_state:.2e}")
     assert r_all <= TOL and r_steps <= TOL
@@ -138,10 +132,10 @@ def test_chunked_prefill_matches_full_prefill(run):
         outs.append(logits)
         sizes.append(size)
         start += size
-    r = rel(np.concatenate(outs, axis=1), full)
+    r = rel_l2(np.concatenate(outs, axis=1), full)
     per_row = [(real_entries(state, b, 316), real_entries(full_state, b, 316)) for b in range(2)]
     r_state = max(state_rel(a, b) for a, b in per_row)
-    worst = max(((k, rel(a[k], b[k])) for a, b in per_row for k in a), key=lambda kv: kv[1])
+    worst = max(((k, rel_l2(a[k], b[k])) for a, b in per_row for k in a), key=lambda kv: kv[1])
     print(f"\n[chunked {sizes}] logits rel={r:.2e}; state rel={r_state:.2e} (worst entry {worst[0]})")
     assert r <= TOL
     assert r_state <= TOL
@@ -159,7 +153,7 @@ def test_right_padded_batch_matches_single_sequences(run):
     singles, figures = [], []
     for i, length in enumerate(LENGTHS):
         logits, _, state = run.forward(ids[i:i + 1, :length], fresh(1))
-        figures.append(rel(batch_logits[i, :length], logits[0]))
+        figures.append(rel_l2(batch_logits[i, :length], logits[0]))
         singles.append(state)
     print(f"\n[padded batch {LENGTHS}] prefill rel per sequence: " + ", ".join(f"{r:.2e}" for r in figures))
     assert max(figures) <= TOL
@@ -170,7 +164,7 @@ def test_right_padded_batch_matches_single_sequences(run):
         batch_logits, _, batch_state = run.forward(next_ids[:, k:k + 1], batch_state, (1, 1, 1))
         for i in range(3):
             logits, _, singles[i] = run.forward(next_ids[i:i + 1, k:k + 1], singles[i])
-            step_figures.append(rel(batch_logits[i], logits[0]))
+            step_figures.append(rel_l2(batch_logits[i], logits[0]))
     r_state = max(state_rel(real_entries(batch_state, i, n + 4), real_entries(singles[i], 0, n + 4))
                   for i, n in enumerate(LENGTHS))
     print(f"[padded batch] 4 decode steps: max rel={max(step_figures):.2e}; state rel={r_state:.2e}")
@@ -217,8 +211,8 @@ def test_mtp_state_step_by_step_matches_whole_sequence(run):
         logits, mtp_streams, state = run.mtp(streams[:, t:t + 1], next_ids[:, t:t + 1], state)
         outs.append(logits)
         stream_outs.append(mtp_streams)
-    r = rel(np.concatenate(outs, axis=1), full)
-    r_streams = rel(np.concatenate(stream_outs, axis=1), full_streams)
+    r = rel_l2(np.concatenate(outs, axis=1), full)
+    r_streams = rel_l2(np.concatenate(stream_outs, axis=1), full_streams)
     r_state = max(state_rel(real_entries(state, b, 316, mtp=True), real_entries(full_state, b, 316, mtp=True))
                   for b in range(2))
     print(f"\n[mtp] prefill 300 + 16 steps vs whole: logits rel={r:.2e}, streams rel={r_streams:.2e}, "

@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 import hf_oracle as hf
+from numerics import rel_l2
 from dsv4jax.run import Runner
 from dsv4jax.checkpoint.loader import load_model
 from dsv4jax.model import init_state
@@ -43,7 +44,7 @@ def _our_logits(directory, sequences):
 def _check(ours, reference):
     for got, expected in zip(ours, reference):
         assert got.shape == expected.shape
-        assert hf.rel_l2(got, expected) <= 1e-4, hf.rel_l2(got, expected)
+        assert rel_l2(got, expected) <= 1e-4, rel_l2(got, expected)
 
 
 @pytest.mark.parametrize("original_format", [True, False], ids=["save_pretrained-default", "hf-internal-names"])

@@ -14,6 +14,7 @@ from flax import nnx
 
 from dsv4jax.config import load_config
 from dsv4jax.model import DeepseekV4, init_state
+from numerics import rel_l2
 
 CFG = load_config("configs/test-tiny.json", dtype="float32")  # ratios (0, 4, 128, 4) + MTP, 16 indexer heads
 BATCH, SEQ = 2, 40  # 40 > window 16: the window mask matters
@@ -22,11 +23,6 @@ TOL = 1e-5
 JIT_OPTIONS = {"xla_backend_optimization_level": 0}
 HI = jax.lax.Precision.HIGHEST
 jit = functools.partial(jax.jit, compiler_options=JIT_OPTIONS)
-
-
-def rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -183,7 +179,7 @@ def test_mtp_matches_spec_transcription(model_parts):
 
     logits, mtp_streams, lengths = jit(model_side)(params, main_streams, next_ids)
     ref_logits, ref_streams = jit(reference_side)(params, main_streams, next_ids)
-    r_logits, r_streams = rel(logits, ref_logits), rel(mtp_streams, ref_streams)
+    r_logits, r_streams = rel_l2(logits, ref_logits), rel_l2(mtp_streams, ref_streams)
     print(f"\n[mtp vs §12.1 transcription] logits rel={r_logits:.2e}, streams rel={r_streams:.2e}")
     assert logits.shape == (BATCH, SEQ, CFG.vocab_size)
     assert r_logits <= TOL and r_streams <= TOL
@@ -200,7 +196,7 @@ def test_main_model_returns_pre_hc_head_streams(model_parts):
         return hidden, streams, m.norm(m.hc_head(streams, hidden.dtype))
 
     hidden, streams, again = jit(run)(params, ids)
-    r = rel(again, hidden)
+    r = rel_l2(again, hidden)
     print(f"\n[pre-hc-head] norm(hc_head(streams)) vs hidden rel={r:.2e}")
     assert streams.shape == (BATCH, SEQ, CFG.hc_mult, CFG.hidden_size)
     assert r <= 1e-6

@@ -22,7 +22,8 @@ from dsv4jax.run import Runner as ModelRunner
 from dsv4jax.sharding.mesh import MeshConfig, MeshError, make_mesh, parse_mesh_spec
 from dsv4jax.sharding.moe import moe_partial, reduce_scatter_rows
 from dsv4jax.sharding.params import device_bytes, init_sharded, shard_host_params
-from test_decode_consistency import CFG, JIT_OPTIONS, MAX_LEN, TOL, Runner, real_entries, rel, state_rel, tokens
+from numerics import rel_l2
+from test_decode_consistency import CFG, JIT_OPTIONS, MAX_LEN, TOL, Runner, real_entries, state_rel, tokens
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (tests/conftest.py sets XLA_FLAGS)")
 
@@ -70,7 +71,7 @@ def reference():
 
 
 def real_logits_rel(ours, ref, lengths) -> float:
-    return max(rel(np.asarray(ours)[i, :n], ref[i, :n]) for i, n in enumerate(lengths))
+    return max(rel_l2(np.asarray(ours)[i, :n], ref[i, :n]) for i, n in enumerate(lengths))
 
 
 def cache_rel(ours, ref, lengths) -> float:
@@ -106,7 +107,7 @@ def test_mesh_matches_single_device(reference, name):
     for k in range(DECODE_STEPS):
         step_logits, _, state = runner.decode(params, state, steps[:, k], active)
         decoded.append(np.asarray(step_logits)[:3])
-    r_decode = rel(np.stack(decoded, 1), ref["decoded"])
+    r_decode = rel_l2(np.stack(decoded, 1), ref["decoded"])
     r_final = cache_rel(state, ref["final"], [n + DECODE_STEPS for n in totals])
     print(f"\n[{name}] prefill {r_prefill:.1e} streams {r_streams:.1e} cache {r_cache:.1e} | prefix-chunk "
           f"{r_prefix:.1e} cache {r_prefix_cache:.1e} | {DECODE_STEPS} decode {r_decode:.1e} cache {r_final:.1e}")
@@ -180,10 +181,10 @@ def test_moe_output_is_reduced_before_it_is_sliced():
         return jax.lax.psum(mine, "tp").astype(x.dtype).reshape(x.shape)
 
     wrong = _run_moe(graphdef, params, mesh, device_mesh, P("dp"), slice_unreduced, x, ids)
-    print(f"\n[#27191] reduce-scatter rel {rel(right, expected):.1e}; "
-          f"slice before reduce rel {rel(wrong, expected):.1e}")
-    assert rel(right, expected) <= TOL
-    assert rel(wrong, expected) > 0.1
+    print(f"\n[#27191] reduce-scatter rel {rel_l2(right, expected):.1e}; "
+          f"slice before reduce rel {rel_l2(wrong, expected):.1e}")
+    assert rel_l2(right, expected) <= TOL
+    assert rel_l2(wrong, expected) > 0.1
 
 
 def test_hash_routing_ids_travel_with_gathered_tokens():
@@ -208,10 +209,10 @@ def test_hash_routing_ids_travel_with_gathered_tokens():
 
     wrong = split.from_rank_major(jnp.asarray(
         _run_moe(graphdef, params, mesh, device_mesh, P(None, "cp"), ids_in_token_order, local_x, local_ids)))
-    print(f"\n[#24947] ids gathered with tokens rel {rel(right, expected):.1e}; token-order ids rel "
-          f"{rel(wrong, expected):.1e}")
-    assert rel(right, expected) <= TOL
-    assert rel(wrong, expected) > 0.1
+    print(f"\n[#24947] ids gathered with tokens rel {rel_l2(right, expected):.1e}; token-order ids rel "
+          f"{rel_l2(wrong, expected):.1e}")
+    assert rel_l2(right, expected) <= TOL
+    assert rel_l2(wrong, expected) > 0.1
 
 
 # ---- mesh checks, compiled collectives, parameter bytes -------------------------------------------------------
@@ -225,7 +226,7 @@ def test_ragged_all_to_all_exchange_matches_the_moe():
     graphdef, params, x, ids, expected, mesh, device_mesh = _moe_case(1, f"cp={n}", moe_mode="all_to_all")
     collective = MoECollective.for_tokens(mesh, ("dp", "cp"))
     out = _run_moe(graphdef, params, mesh, device_mesh, P(None, "cp"), collective, x, ids)
-    assert rel(out, expected) <= TOL
+    assert rel_l2(out, expected) <= TOL
 
 
 def test_an_all_to_all_mesh_prefers_the_decomposed_ragged_all_to_all():

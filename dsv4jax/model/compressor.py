@@ -56,15 +56,6 @@ class Compressor(nnx.Module):
         # Applied to each emitted row after norm and RoPE (§8.2): "fp8" (KV simulation) or "fp4" (indexer).
         self.row_transform = row_transform
 
-    def __call__(self, x: jax.Array, state: CompressorState, start: jax.Array, num_new: jax.Array,
-                 frequencies) -> CompressorState:
-        """Add the chunk x [B, S, D] at positions start + 0..S−1 (num_new of them real) to the state.
-
-        Emits every row whose window completes inside the chunk and returns the updated state.
-        """
-        positions = start[:, None] + jnp.arange(x.shape[1])
-        return self.absorb(self.project(x, positions), state, start, num_new, frequencies)
-
     def project(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         """The per-token compressor input: [kv ‖ gate + ape] [B, S, 2·coff·d_c] fp32 of tokens at `positions`.
 
