@@ -14,7 +14,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-KERNEL_CHOICES = ("auto", "reference", "pallas")
+from dsv4jax.pallas import KERNEL_CHOICES
 
 
 @dataclasses.dataclass(frozen=True)
