@@ -155,9 +155,8 @@ def _small_correctness(key):
     w1 = jax.random.normal(ks[3], (E, I, D), jnp.bfloat16) * float(2 / np.sqrt(D))
     w3 = jax.random.normal(ks[4], (E, I, D), jnp.bfloat16) * float(2 / np.sqrt(D))
     w2 = jax.random.normal(ks[5], (E, D, I), jnp.bfloat16) * float(1 / np.sqrt(I))
-    from dsv4jax import pallas as P
-    with P.use("pallas"):
-        got = jax.jit(moe_gmm.routed_experts, static_argnums=(6,))(x, experts, wts, w1, w3, w2, LIMIT)
+    pallas = jax.jit(lambda *a: moe_gmm.routed_experts(*a, LIMIT, implementation="pallas"))
+    got = pallas(x, experts, wts, w1, w3, w2)
     ref = moe_gmm.routed_experts_reference(x, experts, wts, w1, w3, w2, LIMIT)
     e5 = _rel(got, ref)
     res.append({"case": "routed_experts_T64_v4flash", "rel": e5})

@@ -8,12 +8,14 @@ Each kernel output is checked against the reference first (output buffer poisone
 Times: `kernel_s` / `reference_s` are device time per call (the call's kernels in a profiler trace, wrapper ops
 included; `mosaic_kernel_s` the kernel alone), and every rate, roofline fraction and speed-up comes from them;
 `*_wall_s` is the synchronised wall time, which adds ~0.1-0.2 ms of dispatch per call on our H100 host.
-Small decode batches split over K by default (DSV4JAX_SA_SPLIT_K=0: one CTA per token and head group).
+Small decode batches split over K by default (--splits 1: one CTA per token and head group). The kernel's switches
+(`Tuning` in dsv4jax/pallas/sparse_attention/kernel.py) are set with --tuning, e.g. --tuning warp_issue=0.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -26,7 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import (device_ms, device_slug, measure_ceilings, median_seconds, roofline,  # noqa: E402
                           trace_every_kernel, write_results)
-from dsv4jax.pallas.sparse_attention.kernel import ROW_UNROLL, default_splits, sparse_attention_kernel  # noqa: E402
+from dsv4jax.pallas.sparse_attention.kernel import (DEFAULT_TUNING, Tuning, default_splits,  # noqa: E402
+                                                    sparse_attention_kernel)
 from dsv4jax.pallas.sparse_attention.reference import sparse_attention_reference  # noqa: E402
 
 H, D, WINDOW, TOPK = 64, 512, 128, 512
@@ -73,10 +76,10 @@ def rel_l2(out, ref):
     return float(jnp.linalg.norm((out - ref).ravel()) / jnp.linalg.norm(ref.ravel()))
 
 
-def checked_kernel_output(q, kv, idx, sink, kernel=None):
+def checked_kernel_output(q, kv, idx, sink, kernel=None, tuning: Tuning = DEFAULT_TUNING):
     """Run the kernel (default: jitted here; or an executable compiled for these shapes) once on NaN queries
     (poisoning the buffer the real run will likely reuse), then for real."""
-    kernel = kernel or jax.jit(lambda *a: sparse_attention_kernel(*a, scale=SCALE))
+    kernel = kernel or jax.jit(lambda *a: sparse_attention_kernel(*a, scale=SCALE, tuning=tuning))
     poison = kernel(jnp.full_like(q, jnp.nan), kv, idx, sink)
     jax.block_until_ready(poison)
     del poison
@@ -84,7 +87,7 @@ def checked_kernel_output(q, kv, idx, sink, kernel=None):
     return kernel, jax.block_until_ready(out)
 
 
-def check_small(key):
+def check_small(key, tuning: Tuning = DEFAULT_TUNING):
     """Edge cases on the GPU: many -1, an all-invalid-but-window query, ragged decode, kv shared over B."""
     ks = jax.random.split(key, 6)
     records = []
@@ -111,7 +114,7 @@ def check_small(key):
         q = jax.random.normal(kq, (B, S, H, D), jnp.bfloat16)
         kv = jax.random.normal(kk, (Bk, N, D), jnp.bfloat16)
         sink = jax.random.normal(ksk, (H,), jnp.float32)
-        _, out = checked_kernel_output(q, kv, idx, sink)
+        _, out = checked_kernel_output(q, kv, idx, sink, tuning=tuning)
         ref = ref32(q, jnp.broadcast_to(kv, (B, N, D)), idx, sink)
         err = rel_l2(out, ref)
         nan = bool(jnp.isnan(out.astype(jnp.float32)).any())
@@ -124,21 +127,23 @@ PREFILL_LENGTHS = (4096, 16384, 65536)
 DECODE_SHAPES = tuple((b, c) for c in (4096, 131072) for b in (1, 8, 32, 128))
 
 
-def benchmark(prefill_lengths=PREFILL_LENGTHS, decode_shapes=DECODE_SHAPES, name=None, splits=None) -> list[dict]:
+def benchmark(prefill_lengths=PREFILL_LENGTHS, decode_shapes=DECODE_SHAPES, name=None, splits=None,
+              tuning: Tuning = DEFAULT_TUNING) -> list[dict]:
     name = name or f"kernels-sparse_attention-{device_slug()}"
     ceilings = measure_ceilings()
     print(f"ceilings: matmul {ceilings['matmul_tflops']:.0f} TFLOP/s, copy {ceilings['copy_tbps']:.2f} TB/s", flush=True)
     key = jax.random.key(int(time.time()))
-    records = [{"kind": "ceilings", **ceilings}] + [{"kind": "check", **r} for r in check_small(jax.random.fold_in(key, 99))]
+    records = [{"kind": "ceilings", **ceilings}] + [{"kind": "check", **r} for r in check_small(jax.random.fold_in(key, 99), tuning)]
     reference = jax.jit(lambda *a: sparse_attention_reference(*a, SCALE))
 
     def run(kind, label, q, kv, idx, sink, ref_fits, iters):
         rec = {"kind": kind, "shape": label, "B": q.shape[0], "S": q.shape[1], "H": H, "d": D, "K": idx.shape[2],
                "kv_rows": kv.shape[1],
                "splits": (min(splits, -(-idx.shape[2] // 32)) if splits  # the kernel caps splits at the blocks
-                          else default_splits(q.shape[0] * q.shape[1], H, idx.shape[2]))}
+                          else default_splits(q.shape[0] * q.shape[1], H, idx.shape[2], split_k=tuning.split_k))}
         start = time.perf_counter()  # first sight of this shape: lowering (Mosaic GPU layout inference) + compile
-        lowered = jax.jit(lambda *a: sparse_attention_kernel(*a, scale=SCALE, splits=splits)).lower(q, kv, idx, sink)
+        lowered = jax.jit(lambda *a: sparse_attention_kernel(*a, scale=SCALE, splits=splits, tuning=tuning)).lower(
+            q, kv, idx, sink)
         rec["lower_s"] = time.perf_counter() - start
         start = time.perf_counter()
         compiled = lowered.compile()
@@ -182,7 +187,7 @@ def benchmark(prefill_lengths=PREFILL_LENGTHS, decode_shapes=DECODE_SHAPES, name
 
     def save():  # after every record, so a run cut short by a time limit still leaves its figures
         return write_results(name, {"H": H, "d": D, "window": WINDOW, "topk": TOPK, "dtype": "bfloat16",
-                                    "block_rows": 32, "row_unroll": ROW_UNROLL}, records, {"ceilings": ceilings})
+                                    "block_rows": 32, **dataclasses.asdict(tuning)}, records, {"ceilings": ceilings})
 
     save()
     for S in prefill_lengths:
@@ -206,7 +211,14 @@ if __name__ == "__main__":
                         help="decode shapes as batch:context")
     parser.add_argument("--splits", type=int, default=None,
                         help="CTAs per token over K for every timed shape (default: the kernel's default_splits)")
+    parser.add_argument("--tuning", nargs="*", default=[], metavar="FIELD=VALUE",
+                        help="kernel switches, e.g. chunk_columns=128 row_unroll=8 split_k=0 warp_issue=0 "
+                             "no_auto_barriers=0 (default: the verified kernel)")
     parser.add_argument("--name", default=f"kernels-sparse_attention-{device_slug()}")
     args = parser.parse_args()
+    tuning = dataclasses.replace(DEFAULT_TUNING, **{
+        field: (type(getattr(DEFAULT_TUNING, field))(int(value)))
+        for field, value in (item.split("=", 1) for item in args.tuning)})
     trace_every_kernel()
-    benchmark(args.prefill, [tuple(map(int, shape.split(":"))) for shape in args.decode], args.name, args.splits)
+    benchmark(args.prefill, [tuple(map(int, shape.split(":"))) for shape in args.decode], args.name, args.splits,
+              tuning)

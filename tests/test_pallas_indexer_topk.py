@@ -17,7 +17,6 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-import dsv4jax.pallas as dpallas  # noqa: E402
 from dsv4jax.pallas import compat  # noqa: E402
 from dsv4jax.pallas.indexer_topk import (  # noqa: E402
     indexer_scores, indexer_scores_reference, indexer_topk, indexer_topk_kernel, indexer_topk_reference, kernel)
@@ -145,13 +144,14 @@ def test_topk_kernel_path_matches_reference_selection():
 
 
 def test_dispatch():
-    """On this CPU, "auto" and "reference" run the reference; unsupported shapes are refused by the kernel."""
+    """On this CPU, "auto" and "reference" run the reference; "pallas" refuses unsupported shapes."""
     q, w, keys = _inputs(1, 4, 8, 32, 16)
     vis = jnp.full((1, 4), 16, jnp.int32)
     ref = indexer_topk_reference(q, w, keys, vis, 4)
     for choice in ("auto", "reference"):
-        with dpallas.use(choice):
-            np.testing.assert_array_equal(indexer_topk(q, w, keys, vis, 4), ref)
+        np.testing.assert_array_equal(indexer_topk(q, w, keys, vis, 4, implementation=choice), ref)
+    with pytest.raises(ValueError, match="indexer_topk.*d must be 64 or 128"):
+        indexer_topk(q, w, keys, vis, 4, implementation="pallas")
     assert not kernel.supported(q.shape, keys.shape, q.dtype)          # d = 32 < 64
     assert kernel.supported((2, 8, 64, 128), (2, 512, 128), jnp.bfloat16)
     assert not kernel.supported((2, 8, 64, 128), (2, 512, 128), jnp.float32)

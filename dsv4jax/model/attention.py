@@ -78,7 +78,8 @@ class Attention(nnx.Module):
                 with jax.named_scope("indexer"):
                     index_projections = layout.gather_chunk(self.indexer.compressor.project(x, positions))
                     indexer = self.indexer.compressor.absorb(index_projections, indexer, start, num_new, freqs)
-                    rows = self.indexer(x, q_latent, positions, row_view(indexer.rows), freqs)
+                    rows = self.indexer(x, q_latent, positions, row_view(indexer.rows), freqs,
+                                        implementation=layout.kernels)
                 record(self, "indexer_rows", rows)
                 paged = isinstance(compressor.rows, PagedRows)
                 if paged and rows.shape[1] * rows.shape[2] < compressor.rows.rows_per_sequence:
@@ -98,7 +99,7 @@ class Attention(nnx.Module):
                 buffers.append(compressed_rows)
                 indices.append(jnp.where(rows >= 0, rows + offset, -1))
         out = sparse_attention(q, jnp.concatenate(buffers, axis=1), jnp.concatenate(indices, axis=-1),
-                               self.attn_sink[...], self.head_dim ** -0.5)
+                               self.attn_sink[...], self.head_dim ** -0.5, implementation=layout.kernels)
 
         with jax.named_scope("output"):
             out = apply_rope(out, positions[..., None], freqs, inverse=True)  # §6.3

@@ -41,6 +41,6 @@ class Block(nnx.Module):
             streams = HyperConnection.post(x, streams, post, comb)
             x, post, comb = self.hc_ffn.pre(streams, self.dtype)
         with jax.named_scope("moe"):
-            x = self.ffn(self.ffn_norm(x), ids, layout.moe_collectives)
+            x = self.ffn(self.ffn_norm(x), ids, layout.moe_collectives, layout.kernels)
         with jax.named_scope("mhc"):
             return HyperConnection.post(x, streams, post, comb), state

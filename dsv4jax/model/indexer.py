@@ -24,11 +24,12 @@ class Indexer(nnx.Module):
         self.compressor = Compressor(c.hidden_size, c.index_head_dim, 4, c.rope_head_dim, c.rms_norm_eps, dtype, rngs,
                                      self.quantization)
 
-    def __call__(self, x, q_latent, positions, keys, frequencies) -> jax.Array:
-        """x [B,S,D] attention input, q_latent [B,S,q_lora] (`c_q`), keys [B,N,d_I] -> rows [B,S,top-k]."""
+    def __call__(self, x, q_latent, positions, keys, frequencies, *, implementation: str = "auto") -> jax.Array:
+        """x [B,S,D] attention input, q_latent [B,S,q_lora] (`c_q`), keys [B,N,d_I] -> rows [B,S,top-k].
+        implementation: the kernel choice of `indexer_topk` ("auto", "reference" or "pallas")."""
         batch, chunk = x.shape[:2]
         q = self.wq_b(q_latent).reshape(batch, chunk, self.num_heads, self.head_dim)
         q = apply_rope(q, positions[..., None], frequencies)
         q = simulate_quantization(q, self.quantization)
         weights = self.weights_proj(x).astype(jnp.float32) * (self.head_dim ** -0.5 * self.num_heads ** -0.5)
-        return indexer_topk(q, weights, keys, (positions + 1) // 4, self.topk)
+        return indexer_topk(q, weights, keys, (positions + 1) // 4, self.topk, implementation=implementation)

@@ -15,8 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from dsv4jax.model.moe import ONE_DEVICE, Collectives
-
-KERNEL_CHOICES = ("auto", "reference", "pallas")
+from dsv4jax.pallas import KERNEL_CHOICES
 
 
 @dataclasses.dataclass(frozen=True)

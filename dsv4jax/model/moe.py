@@ -10,6 +10,7 @@ layout: the identity on one device (this module), the gather and all-to-all mode
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -92,11 +93,11 @@ class Experts(nnx.Module):
         """Experts held here (all of them on one device, this device's block under a mesh)."""
         return self.w1.shape[0]
 
-    def __call__(self, x, experts, weights) -> jax.Array:
+    def __call__(self, x, experts, weights, implementation: str = "auto") -> jax.Array:
         """x [R, D], local expert ids [R, k] (the drop id skips a pair, see ExpertPlacement), weights [R, k] ->
-        Σ_k weight·expert(x) [R, D] fp32."""
+        Σ_k weight·expert(x) [R, D] fp32; `implementation` chooses the kernel (dsv4jax/pallas)."""
         return routed_experts(x, experts, weights, self.w1[...], self.w3[...], self.w2[...], self.limit,
-                              self.simulate_fp8_activations)
+                              self.simulate_fp8_activations, implementation=implementation)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,8 +192,10 @@ class MoE(nnx.Module):
         self.experts = Experts(config, dtype, rngs)
         self.shared_experts = SharedExpert(config, dtype, rngs) if config.n_shared_experts else None
 
-    def __call__(self, x: jax.Array, ids: jax.Array, collectives: Collectives = ONE_DEVICE) -> jax.Array:
-        """x [B,S,D] local tokens (after ffn_norm), ids [B,S] token ids (hash routing) -> [B,S,D] in x.dtype."""
+    def __call__(self, x: jax.Array, ids: jax.Array, collectives: Collectives = ONE_DEVICE,
+                 kernels: str = "auto") -> jax.Array:
+        """x [B,S,D] local tokens (after ffn_norm), ids [B,S] token ids (hash routing) -> [B,S,D] in x.dtype;
+        `kernels` chooses the routed experts' implementation (dsv4jax/pallas)."""
         c = collectives
         flat, flat_ids = x.reshape(-1, x.shape[-1]), ids.reshape(-1)
         if c.exchanges_pairs:
@@ -203,7 +206,8 @@ class MoE(nnx.Module):
             experts, weights = self.gate(rows, row_ids)
         if c is ONE_DEVICE:  # inspection (dsv4jax.inspect) runs on one device
             record(self, "routed_experts", experts.reshape(*x.shape[:-1], -1))
-        out = c.exchange(rows, experts, weights, c.placement(self.experts.count), self.experts)
+        compute = functools.partial(self.experts, implementation=kernels)
+        out = c.exchange(rows, experts, weights, c.placement(self.experts.count), compute)
         if c.exchanges_pairs:
             out = c.combine(out, flat.shape[0])
             if self.shared_experts is not None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import jax
-
 
 def mosaic_gpu_interpret_params(**kwargs):
     """`interpret=` value that runs a Mosaic GPU kernel on the CPU (TMA, barriers and wgmma simulated)."""
@@ -19,7 +17,3 @@ def reset_interpret_state() -> None:
     except ImportError:
         return
     reset_gpu_interpret_mode_state()
-
-
-def jax_version() -> tuple[int, ...]:
-    return tuple(int(p) for p in jax.__version__.split(".")[:3] if p.isdigit())

@@ -105,7 +105,6 @@ def main(argv=None) -> int:
         name, _, value = option.partition("=")
         jax.config.update(name, {"true": True, "false": False}.get(value.lower(), value))
 
-    from dsv4jax import pallas
     from dsv4jax.config import ConfigError, load_config
     from dsv4jax.train.loop import Trainer, TrainConfig, batch_at, train
 
@@ -121,7 +120,7 @@ def main(argv=None) -> int:
                            learning_rate=args.learning_rate, warmup_steps=args.warmup_steps,
                            min_learning_rate_ratio=args.min_lr_ratio, weight_decay=args.weight_decay,
                            mtp_weight=args.mtp_weight, bias_update_rate=args.bias_update_rate, qat=args.qat,
-                           seed=args.seed, checkpoint_every=args.checkpoint_every)
+                           seed=args.seed, checkpoint_every=args.checkpoint_every, kernels=args.kernels)
     trainer = Trainer(config, settings)
 
     def log(row):
@@ -134,7 +133,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     if args.log_every:  # the first step line comes after compilation
         print(f"[{start - launched:.0f}s] {len(train_tokens)} training tokens; building the train state", flush=True)
-    with open(out / "history.jsonl", "a") as history_file, pallas.use(args.kernels):
+    with open(out / "history.jsonl", "a") as history_file:
         state, history = train(trainer, train_tokens, out / "checkpoints", progress=not args.log_every, log=log,
                                time_budget=args.time_budget,
                                announce=(lambda text: print(f"[{time.perf_counter() - launched:.0f}s] {text}",
@@ -146,7 +145,7 @@ def main(argv=None) -> int:
         "config": args.config, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
         "commit": _commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "parameters": int(sum(np.prod(p.shape) for p in jax.tree.leaves(state["params"]))),
-        "train": {**dataclasses.asdict(trainer.train), "time_budget": args.time_budget, "kernels": args.kernels},
+        "train": {**dataclasses.asdict(trainer.train), "time_budget": args.time_budget},
         "corpus": {**(json.loads((corpus / "manifest.json").read_text()) if (corpus / "manifest.json").exists()
                       else {}), "train_tokens": int(len(train_tokens)), "heldout_tokens": int(len(heldout_tokens))},
         "steps": steps, "steps_this_run": len(history),
@@ -176,10 +175,9 @@ def main(argv=None) -> int:
         if args.log_every:
             print(f"[{time.perf_counter() - launched:.0f}s] exported; scoring the shipped checkpoint", flush=True)
         begin = time.perf_counter()
-        with pallas.use(args.kernels):
-            heldout = evaluate(shipped, heldout_tokens, args.seq_len, limit=args.eval_windows)
-            sample = batch_at(train_tokens, 1 << 30, heldout["windows"], args.seq_len, args.seed)
-            train_sample = evaluate_windows(shipped, sample)
+        heldout = evaluate(shipped, heldout_tokens, args.seq_len, limit=args.eval_windows)
+        sample = batch_at(train_tokens, 1 << 30, heldout["windows"], args.seq_len, args.seed)
+        train_sample = evaluate_windows(shipped, sample)
         summary["heldout"] = heldout
         summary["heldout_loss"] = heldout["loss"]
         summary["heldout_perplexity"] = heldout["perplexity"]

@@ -28,6 +28,7 @@ from dsv4jax import quant
 from dsv4jax.config import ModelConfig
 from dsv4jax.model import DeepseekV4, init_state
 from dsv4jax.model.inspection import set_recording
+from dsv4jax.model.layout import TokenLayout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +51,9 @@ class TrainConfig:
     compute_dtype: str = "bfloat16"
     seed: int = 0
     checkpoint_every: int = 200
+    # The kernel implementation of the forward (`TokenLayout.kernels`): the Pallas kernels have no backward pass,
+    # so training runs the references unless told otherwise.
+    kernels: str = "reference"
 
 
 def learning_rate(train: TrainConfig, step: int) -> float:
@@ -191,16 +195,18 @@ class Trainer:
         model = nnx.merge(self.compute_graphdef, self.compute_params(params), rest)
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         batch, length = inputs.shape
+        layout = TokenLayout(kernels=self.train.kernels)
 
         def forward(model):
-            hidden, streams, _ = model(inputs, init_state(self.compute_config, batch, length))
+            hidden, streams, _ = model(inputs, init_state(self.compute_config, batch, length), layout=layout)
             main = _cross_entropy(model.logits(hidden), targets, jnp.ones(targets.shape, bool))
             if not self.config.num_mtp_layers:
                 return main, jnp.zeros(())
             # MTP: streams at t with token t+1 predict token t+2 (ARCHITECTURE §12.1); the last position has no
             # target.
             mtp_hidden, _, _ = model.mtp_forward(streams, targets,
-                                                 init_state(self.compute_config, batch, length, mtp=True))
+                                                 init_state(self.compute_config, batch, length, mtp=True),
+                                                 layout=layout)
             mtp_targets = jnp.concatenate([targets[:, 1:], targets[:, -1:]], axis=1)
             mtp_mask = jnp.broadcast_to(jnp.arange(length)[None, :] < length - 1, targets.shape)
             return main, _cross_entropy(model.logits(mtp_hidden), mtp_targets, mtp_mask)

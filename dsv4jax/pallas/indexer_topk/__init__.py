@@ -9,24 +9,31 @@ import dsv4jax.pallas as _pallas
 from dsv4jax.pallas.indexer_topk.reference import indexer_scores_reference, indexer_topk_reference
 
 __all__ = ["indexer_topk", "indexer_scores", "indexer_topk_kernel", "indexer_scores_reference",
-           "indexer_topk_reference", "kernel_supported"]
+           "indexer_topk_reference", "kernel_supported", "unsupported_reason"]
+
+
+def unsupported_reason(q, keys) -> str | None:
+    """None when the kernel takes these shapes/dtypes, else why not."""
+    from dsv4jax.pallas.indexer_topk import kernel
+
+    return kernel.unsupported_reason(q.shape, keys.shape, q.dtype)
 
 
 def kernel_supported(q, keys) -> bool:
-    from dsv4jax.pallas.indexer_topk import kernel
-
-    return kernel.supported(q.shape, keys.shape, q.dtype)
+    return unsupported_reason(q, keys) is None
 
 
-def indexer_scores(q, weights, keys, visible_rows=None, *, interpret=None, plan=None):
+def indexer_scores(q, weights, keys, visible_rows=None, *, interpret=None, plan=None, num_sms=None):
     """Mosaic GPU kernel scores [B,S,N] fp32 (−inf at rows j ≥ visible_rows[b,t]; all rows when None).
 
     Equals `indexer_scores_reference(q, weights, keys)` on the visible rows, up to fp32 summation order.
-    `interpret`: e.g. `dsv4jax.pallas.compat.mosaic_gpu_interpret_params()` to run on the CPU.
+    `interpret`: e.g. `dsv4jax.pallas.compat.mosaic_gpu_interpret_params()` to run on the CPU. `num_sms`: the
+    GPU's SMs for the default plan (None: the default device's).
     """
     from dsv4jax.pallas.indexer_topk import kernel
 
-    return kernel.indexer_scores_kernel(q, weights, keys, visible_rows, interpret=interpret, plan=plan)
+    return kernel.indexer_scores_kernel(q, weights, keys, visible_rows, interpret=interpret, plan=plan,
+                                        num_sms=num_sms)
 
 
 def _select(scores, k: int):
@@ -62,17 +69,19 @@ def indexer_topk_kernel(q, weights, keys, visible_rows, k: int, *, interpret=Non
     return _select(indexer_scores(q, weights, keys, visible_rows, interpret=interpret, plan=plan), k)
 
 
-def _use_kernel(q, keys) -> bool:
-    choice = _pallas.implementation()
-    if choice == "pallas":
-        return True
-    return choice == "auto" and _pallas.on_gpu() and kernel_supported(q, keys)
+def _use_kernel(q, keys, implementation: str = "auto") -> bool:
+    _pallas.check_implementation("indexer_topk", implementation)
+    reason = None if implementation == "reference" else unsupported_reason(q, keys)
+    return _pallas.use_kernel("indexer_topk", implementation, reason)
 
 
 @functools.partial(jax.named_call, name="indexer_topk")
-def indexer_topk(q, weights, keys, visible_rows, k: int):
+def indexer_topk(q, weights, keys, visible_rows, k: int, *, implementation: str = "auto"):
     """q [B,S,H,d]; weights [B,S,H] fp32; keys [B,N,d]; visible_rows [B,S] -> rows [B,S,min(k,N)] int32 (-1 unused),
-    higher score first, ties to the lower row. The reference is the specification."""
-    if _use_kernel(q, keys):
-        return indexer_topk_kernel(q, weights, keys, visible_rows, k)
+    higher score first, ties to the lower row. The reference is the specification.
+
+    implementation: "reference", "pallas" (the kernel; a ValueError where it does not support the call) or "auto"
+    (the kernel on a GPU where supported, else the reference)."""
+    if _use_kernel(q, keys, implementation):
+        return indexer_topk_kernel(q, weights, keys, visible_rows, k, interpret=_pallas.interpret_params())
     return indexer_topk_reference(q, weights, keys, visible_rows, k)

@@ -28,10 +28,12 @@ from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
+from dsv4jax.pallas import sm_count
+
 BLOCK_KEYS = 128          # key rows per pipeline step (64 per compute warpgroup)
 HALF = BLOCK_KEYS // 2
 MAX_N = 256               # wgmma N limit: T·H ≤ 256
-TARGET_CTAS = 264         # about two waves of CTAs on 132 SMs, for the decode key split
+CTA_WAVES = 2             # the decode key split aims at about two waves of CTAs over the GPU's SMs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,19 +59,32 @@ class Plan:
         return self.rows_padded // BLOCK_KEYS
 
 
+def unsupported_reason(q_shape, keys_shape, dtype) -> str | None:
+    """None when the kernel takes these shapes and dtype, else why not."""
+    if len(q_shape) != 4 or len(keys_shape) != 3:
+        return "rank (q [B,S,H,d], keys [B,N,d])"
+    b, s, h, d = q_shape
+    if keys_shape[0] != b or keys_shape[2] != d:
+        return "shapes"
+    if keys_shape[1] < 1 or s < 1:
+        return "empty"
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return "dtype (bf16/f16 q)"
+    if h % 8 or not 8 <= h <= MAX_N:
+        return f"H must be a multiple of 8 from 8 to {MAX_N}"
+    if d not in (64, 128):   # d=256 would not fit q + 2 key stages in SMEM
+        return "d must be 64 or 128"
+    return None
+
+
 def supported(q_shape, keys_shape, dtype) -> bool:
     """Shapes and dtypes the kernel takes; everything else goes to the reference."""
-    if len(q_shape) != 4 or len(keys_shape) != 3:
-        return False
-    b, s, h, d = q_shape
-    if keys_shape[0] != b or keys_shape[2] != d or keys_shape[1] < 1 or s < 1:
-        return False
-    return (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-            and h % 8 == 0 and 8 <= h <= MAX_N and d in (64, 128))   # d=256 would not fit q + 2 key stages in SMEM
+    return unsupported_reason(q_shape, keys_shape, dtype) is None
 
 
 def make_plan(b: int, s: int, h: int, d: int, n: int, *, tile_tokens: int | None = None,
-              stages: int | None = None, splits: int | None = None) -> Plan:
+              stages: int | None = None, splits: int | None = None, num_sms: int | None = None) -> Plan:
+    """num_sms: the GPU's SMs, for the decode key split (None: the default device's, `sm_count`)."""
     max_t = max(1, min(4, MAX_N // h))
     t = tile_tokens or min(s, max_t)
     s_pad = -(-s // t) * t
@@ -77,7 +92,8 @@ def make_plan(b: int, s: int, h: int, d: int, n: int, *, tile_tokens: int | None
     total = n_pad // BLOCK_KEYS
     tiles = b * (s_pad // t)
     if splits is None:
-        splits = min(total, max(1, -(-TARGET_CTAS // tiles))) if tiles < TARGET_CTAS else 1
+        target = CTA_WAVES * (num_sms or sm_count())
+        splits = min(total, max(1, -(-target // tiles))) if tiles < target else 1
     sps = -(-total // splits)
     splits = -(-total // sps)
     if stages is None:
@@ -194,13 +210,16 @@ def _kernel(q_ref, w_ref, vis_ref, k_ref, out_ref, *, plan: Plan, interpreted: b
     )
 
 
-def indexer_scores_kernel(q, weights, keys, visible_rows=None, *, interpret=None, plan: Plan | None = None):
-    """Kernel scores [B,S,N] fp32, −inf where j ≥ visible_rows[b,t] (all rows visible when visible_rows is None)."""
+def indexer_scores_kernel(q, weights, keys, visible_rows=None, *, interpret=None, plan: Plan | None = None,
+                          num_sms: int | None = None):
+    """Kernel scores [B,S,N] fp32, −inf where j ≥ visible_rows[b,t] (all rows visible when visible_rows is None).
+    plan: the work layout (None: `make_plan` for num_sms SMs; None = the default device's)."""
+    reason = unsupported_reason(q.shape, keys.shape, q.dtype)
+    if reason:
+        raise ValueError(f"indexer kernel does not support q {q.shape} {q.dtype}, keys {keys.shape}: {reason}")
     b, s, h, d = q.shape
     n = keys.shape[1]
-    if not supported(q.shape, keys.shape, q.dtype):
-        raise ValueError(f"indexer kernel does not support q {q.shape} {q.dtype}, keys {keys.shape}")
-    plan = plan or make_plan(b, s, h, d, n)
+    plan = plan or make_plan(b, s, h, d, n, num_sms=num_sms)
     keys = keys.astype(q.dtype)
     if visible_rows is None:
         visible_rows = jnp.full((b, s), n, jnp.int32)

@@ -1,8 +1,8 @@
 """MoE grouped GEMM: routed experts over tokens sorted by expert, with the clamped SwiGLU between the GEMMs.
 
-`routed_experts` runs the Mosaic GPU kernels (kernel.py) when `dsv4jax.pallas.implementation()` is "pallas", or
-"auto" on a GPU for supported shapes; else the reference (the specification). The sort by expert and the
-scatter back to tokens stay in plain JAX around the two kernels.
+`routed_experts(..., implementation=...)` runs the Mosaic GPU kernels (kernel.py) for "pallas" (a ValueError where
+they do not support the call), or "auto" on a GPU for supported shapes; else the reference (the specification).
+The sort by expert and the scatter back to tokens stay in plain JAX around the two kernels.
 """
 
 import dataclasses
@@ -16,14 +16,6 @@ from dsv4jax.pallas.moe_gmm.reference import (clamped_swiglu, grouped_matmul_ref
                                               routed_experts_reference)
 
 _ROW_ALIGN = 128  # sorted rows are padded to this (every block_m divides it)
-
-
-def _interpret():
-    if _pallas.on_gpu():
-        return None
-    from dsv4jax.pallas.compat import mosaic_gpu_interpret_params
-
-    return mosaic_gpu_interpret_params()
 
 
 def grouped_matmul(x, w, group_sizes, w_scale=None, *, cfg=None, out_dtype=None, interpret=None):
@@ -73,22 +65,31 @@ def _configs(rows: int, d: int, i: int):
     return (kernel.default_config(rows, i, d, fused=True), kernel.default_config(rows, d, i, fused=False))
 
 
-def kernel_supported(x, experts, w1, w3, w2) -> bool:
+def unsupported_reason(x, experts, w1, w3, w2) -> str | None:
+    """None when `routed_experts_pallas` takes these shapes/dtypes, else why not."""
     from dsv4jax.pallas.moe_gmm import kernel
 
     rows = experts.shape[0] * experts.shape[1]
     e, i, d = w1.shape
-    if rows == 0 or x.dtype != jnp.bfloat16 or w3.shape != w1.shape or w2.shape != (e, d, i):
-        return False
-    if any(w.dtype != jnp.bfloat16 for w in (w1, w3, w2)):
-        return False
+    if rows == 0:
+        return "no (token, expert) pairs"
+    if w3.shape != w1.shape or w2.shape != (e, d, i):
+        return f"weight shapes w1 {w1.shape}, w3 {w3.shape}, w2 {w2.shape}"
+    if x.dtype != jnp.bfloat16 or any(w.dtype != jnp.bfloat16 for w in (w1, w3, w2)):
+        return "dtype (bf16 x and bf16 weights)"
     c1, c2 = _configs(rows, d, i)
-    return kernel.supported(rows, i, d, c1) and kernel.supported(rows, d, i, c2)
+    reason = kernel.unsupported_reason(rows, i, d, c1) or kernel.unsupported_reason(rows, d, i, c2)
+    return None if reason is None else f"grouped GEMM: {reason}"
+
+
+def kernel_supported(x, experts, w1, w3, w2) -> bool:
+    return unsupported_reason(x, experts, w1, w3, w2) is None
 
 
 def routed_experts_pallas(x, experts, weights, w1, w3, w2, limit: float, simulate_fp8_activations: bool = False,
-                          *, interpret=None):
-    """`routed_experts_reference` with the two grouped GEMMs (the first fused with the SwiGLU) as kernels."""
+                          *, interpret=None, num_sms: int | None = None):
+    """`routed_experts_reference` with the two grouped GEMMs (the first fused with the SwiGLU) as kernels.
+    num_sms: CTAs of the kernels' persistent grids (None: the default device's SMs; 4 under the interpreter)."""
     from dsv4jax.quant import fp8_qdq
 
     quantize = (lambda a: fp8_qdq(a, 128)) if simulate_fp8_activations else (lambda a: a)
@@ -106,8 +107,10 @@ def routed_experts_pallas(x, experts, weights, w1, w3, w2, limit: float, simulat
     row_weights = jnp.concatenate([weights.reshape(-1)[order].astype(jnp.float32),
                                    jnp.zeros((padded - rows,), jnp.float32)])
     c1, c2 = _configs(rows, d, i)
-    if interpret is not None:  # fewer simulated CTAs
-        c1, c2 = (dataclasses.replace(c, num_sms=4) for c in (c1, c2))
+    if num_sms is None and interpret is not None:  # fewer simulated CTAs
+        num_sms = 4
+    if num_sms is not None:
+        c1, c2 = (dataclasses.replace(c, num_sms=num_sms) for c in (c1, c2))
     hidden = grouped_matmul_swiglu(sorted_x, w1, w3, group_sizes, row_weights, limit, cfg=c1, interpret=interpret)
     out = grouped_matmul(quantize(hidden), w2, group_sizes, cfg=c2, interpret=interpret)[:rows]
     out = jnp.where(kept_rows(group_sizes, rows)[:, None], out, 0)  # dropped pairs' rows are never written
@@ -115,12 +118,18 @@ def routed_experts_pallas(x, experts, weights, w1, w3, w2, limit: float, simulat
 
 
 @functools.partial(jax.named_call, name="routed_experts")
-def routed_experts(x, experts, weights, w1, w3, w2, limit: float, simulate_fp8_activations: bool = False):
+def routed_experts(x, experts, weights, w1, w3, w2, limit: float, simulate_fp8_activations: bool = False, *,
+                   implementation: str = "auto"):
     """Σ_k weights[t,k]·Expert_{experts[t,k]}(x_t) in fp32; x [T,D], experts/weights [T,k], w1/w3 [E,I,D],
-    w2 [E,D,I]; a pair with expert id E is dropped (computed nowhere). The reference is the specification."""
-    choice = _pallas.implementation()
-    use_kernel = choice == "pallas" or (choice == "auto" and _pallas.on_gpu())
-    if use_kernel and kernel_supported(x, experts, w1, w3, w2):
+    w2 [E,D,I]; a pair with expert id E is dropped (computed nowhere). The reference is the specification.
+
+    implementation: "reference", "pallas" (the kernels; a ValueError where they do not support the call) or
+    "auto" (the kernels on a GPU where supported, else the reference)."""
+    _pallas.check_implementation("routed_experts", implementation)
+    reason = None  # through kernel_supported, which a benchmark may patch to keep "auto" on the reference
+    if implementation != "reference" and not kernel_supported(x, experts, w1, w3, w2):
+        reason = unsupported_reason(x, experts, w1, w3, w2) or "not supported"
+    if _pallas.use_kernel("routed_experts", implementation, reason):
         return routed_experts_pallas(x, experts, weights, w1, w3, w2, limit, simulate_fp8_activations,
-                                     interpret=_interpret())
+                                     interpret=_pallas.interpret_params())
     return routed_experts_reference(x, experts, weights, w1, w3, w2, limit, simulate_fp8_activations)

@@ -40,7 +40,7 @@ class Config:
     block_n: int = 128       # per weight matrix (the fused kernel computes two block_n wide tiles)
     block_k: int = 64
     max_concurrent_steps: int = 4
-    num_sms: int = 132
+    num_sms: int | None = None  # CTAs of the persistent grid; None: the default device's SMs (`sm_count`)
 
 
 def default_config(m: int, n: int, k: int, *, fused: bool, fp8: bool = False) -> Config:
@@ -58,9 +58,20 @@ def default_config(m: int, n: int, k: int, *, fused: bool, fp8: bool = False) ->
     return Config(block_m=bm, block_n=bn, block_k=64, max_concurrent_steps=stages)
 
 
-def supported(m: int, n: int, k: int, cfg: Config) -> bool:
+def unsupported_reason(m: int, n: int, k: int, cfg: Config) -> str | None:
+    """None when the kernel takes an [m, k] x [n, k] grouped GEMM with `cfg`, else why not."""
+    if m < 1:
+        return "no rows"
     # block_n = 32 lowers but faults on the H100 (misaligned address; fp8: no layout found), kernel-limits-*.json
-    return n % cfg.block_n == 0 and k % cfg.block_k == 0 and m >= 1 and cfg.block_n >= 64
+    if cfg.block_n < 64:
+        return f"block_n={cfg.block_n} < 64"
+    if n % cfg.block_n or k % cfg.block_k:
+        return f"n={n} and k={k} must be multiples of block_n={cfg.block_n} and block_k={cfg.block_k}"
+    return None
+
+
+def supported(m: int, n: int, k: int, cfg: Config) -> bool:
+    return unsupported_reason(m, n, k, cfg) is None
 
 
 def max_tiles(m: int, groups: int, block_m: int) -> int:
@@ -109,6 +120,8 @@ def _kernel(*, m_pad: int, n: int, k: int, n_weights: int, fp8: bool, swiglu: bo
             out_dtype, cfg: Config, interpret=None, rhs_kn: bool = False):
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    from dsv4jax.pallas import sm_count
 
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
     n_blocks, k_steps = n // bn, k // bk
@@ -216,7 +229,7 @@ def _kernel(*, m_pad: int, n: int, k: int, n_weights: int, fp8: bool, swiglu: bo
     return plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct((m_pad, n), out_dtype),
-        grid=(cfg.num_sms,),
+        grid=(cfg.num_sms or sm_count(),),
         grid_names=("sm",),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         **({} if interpret is None else {"interpret": interpret}),

@@ -15,33 +15,30 @@ from dsv4jax.pallas.sparse_attention.reference import sparse_attention_reference
 MIN_KERNEL_QUERIES = 8
 
 
-def _use_kernel(q, kv, indices, sink) -> bool:
-    choice = _pallas.implementation()
-    if choice == "reference":
+def _use_kernel(q, kv, indices, sink, implementation: str) -> bool:
+    _pallas.check_implementation("sparse_attention", implementation)
+    if implementation == "reference":
         return False
-    from dsv4jax.pallas.sparse_attention.kernel import unsupported_reason
-
-    reason = unsupported_reason(q, kv, indices, sink)
-    if choice == "pallas":
-        if reason:
-            raise ValueError(f"sparse_attention: the Pallas kernel does not support this call ({reason})")
-        return True
-    from dsv4jax.pallas.sparse_attention.kernel import VERIFIED_ON_GPU
+    from dsv4jax.pallas.sparse_attention.kernel import VERIFIED_ON_GPU, unsupported_reason
 
     # "auto" takes the kernel only once it has passed on a GPU (NOTES.md: verified on the H100, jax 0.11.2), and
     # only from MIN_KERNEL_QUERIES up.
     queries = q.shape[0] * q.shape[1]
-    return reason is None and _pallas.on_gpu() and VERIFIED_ON_GPU and queries >= MIN_KERNEL_QUERIES
+    return _pallas.use_kernel("sparse_attention", implementation, unsupported_reason(q, kv, indices, sink),
+                              auto=VERIFIED_ON_GPU and queries >= MIN_KERNEL_QUERIES)
 
 
 @functools.partial(jax.named_call, name="sparse_attention")
-def sparse_attention(q, kv, indices, sink, scale: float):
+def sparse_attention(q, kv, indices, sink, scale: float, *, implementation: str = "auto"):
     """q [B,S,H,d]; kv [B,N,d] (one head, key = value; batch 1 = shared over B); indices [B,S,K] int32 into kv's
-    rows, -1 = unused; sink [H] fp32 -> [B,S,H,d] in q's dtype. The reference is the specification."""
-    if _use_kernel(q, kv, indices, sink):
+    rows, -1 = unused; sink [H] fp32 -> [B,S,H,d] in q's dtype. The reference is the specification.
+
+    implementation: "reference", "pallas" (the kernel; a ValueError where it does not support the call) or "auto"
+    (the kernel on a GPU where supported, from MIN_KERNEL_QUERIES query tokens up; else the reference)."""
+    if _use_kernel(q, kv, indices, sink, implementation):
         from dsv4jax.pallas.sparse_attention.kernel import sparse_attention_kernel
 
-        return sparse_attention_kernel(q, kv, indices, sink, scale=float(scale))
+        return sparse_attention_kernel(q, kv, indices, sink, scale=float(scale), interpret=_pallas.interpret_params())
     if kv.shape[0] == 1 and q.shape[0] > 1:
         kv = jnp.broadcast_to(kv, (q.shape[0], *kv.shape[1:]))
     return sparse_attention_reference(q, kv, indices, sink, scale)

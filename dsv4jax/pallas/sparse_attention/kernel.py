@@ -20,9 +20,9 @@ multiple of ``bk`` (times the splits over K) with -1 by the wrapper; heads are p
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -30,36 +30,48 @@ from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
+from dsv4jax.pallas import sm_count
+
 LOG2E = math.log2(math.e)
 # Matches the reference on the H100 (jax 0.11.2; bench/kernels_sparse_attention.py checks it first); "auto"
 # dispatch uses the kernel on GPUs. See NOTES.md.
 VERIFIED_ON_GPU = True
 HEADS_PER_CTA = 64  # wgmma M of one warpgroup
-# Column chunk width of the staging and tiled KV buffers: every row is staged chunk-major, d/CHUNK_COLUMNS one-row
-# TMAs, and converted chunk by chunk. (On the H100 a register copy from a column slice of a row-major staging
-# buffer lands 16-byte units XOR-permuted by the chunk index; whole chunk refs do not. NOTES.md.)
-# 256 (a TMA box's widest): two TMAs per row at d=512 instead of four (H100, prefill 16k: 7.09 vs 8.62 ms alone,
-# 5.18 vs 6.01 ms with WARP_ISSUE; kernels-sparse_attention-h100-80gb-hbm3-{cw256,warp,warp-cw256}.json).
-CHUNK_COLUMNS = int(os.environ.get("DSV4JAX_SA_CHUNK_COLUMNS", "256"))
 EXCHANGE_PAD = 8  # fp32 columns padding each row of the partial-score exchange (no bank conflicts)
-# Row gathers unrolled per loop iteration when one thread issues them all (WARP_ISSUE off; lowering time grows with
-# it on jax 0.11, NOTES.md).
-ROW_UNROLL = int(os.environ.get("DSV4JAX_SA_ROW_UNROLL", "4"))
-# Split over K (decode): a few query tokens leave most SMs idle, so each CTA takes 1/splits of the blocks and
-# writes a partial output with its log-sum-exp, combined outside the kernel. Verified on the H100 (jax 0.11.2,
-# kernels-sparse_attention-h100-80gb-hbm3-splitk.json: edge cases and decode B=1..128, rel-L2 ≤ 3.0e-3);
-# DSV4JAX_SA_SPLIT_K=0 turns it off.
-SPLIT_K = os.environ.get("DSV4JAX_SA_SPLIT_K", "1") == "1"
-GPU_SMS = 132  # H100 / H200; one CTA fits per SM (~220 KB of shared memory)
-# Row-gather issue cost. A Pallas TMA issued by a warpgroup makes all 128 threads arrive on the barrier and, with
-# automatic barriers, first syncs the warpgroup. NO_AUTO_BARRIERS drops Pallas's automatic warpgroup syncs (the
-# kernel orders its SMEM accesses itself: every staging read precedes a commit_smem, whose warpgroup barrier
-# precedes the TMA that overwrites it): prefill 16k 15.19 -> 8.62 ms on the H100 (-issue-{base,noauto}.json).
-# WARP_ISSUE spreads a block's rows over the memory warpgroup's 4 warps, each issuing its own TMAs (the row
-# indices are read before: warp-level code may not load from memory on jax 0.11): 8.62 -> 6.01 ms (-warp.json).
-# Both are switches (DSV4JAX_SA_WARP_ISSUE, DSV4JAX_SA_NO_AUTO_BARRIERS) for comparing on a GPU.
-WARP_ISSUE = os.environ.get("DSV4JAX_SA_WARP_ISSUE", "1") == "1"
-NO_AUTO_BARRIERS = os.environ.get("DSV4JAX_SA_NO_AUTO_BARRIERS", "1") == "1"
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    """The kernel's tuning switches (for comparing variants on a GPU); the defaults are the verified kernel.
+
+    chunk_columns: column chunk width of the staging and tiled KV buffers: every row is staged chunk-major,
+      d/chunk_columns one-row TMAs, and converted chunk by chunk. (On the H100 a register copy from a column slice
+      of a row-major staging buffer lands 16-byte units XOR-permuted by the chunk index; whole chunk refs do not.
+      NOTES.md.) 256 (a TMA box's widest): two TMAs per row at d=512 instead of four (H100, prefill 16k: 7.09 vs
+      8.62 ms alone, 5.18 vs 6.01 ms with warp_issue; kernels-sparse_attention-h100-80gb-hbm3-{cw256,warp,
+      warp-cw256}.json).
+    row_unroll: row gathers unrolled per loop iteration when one thread issues them all (warp_issue off; lowering
+      time grows with it on jax 0.11, NOTES.md).
+    split_k: split over K (decode): a few query tokens leave most SMs idle, so each CTA takes 1/splits of the blocks
+      and writes a partial output with its log-sum-exp, combined outside the kernel. Verified on the H100 (jax
+      0.11.2, kernels-sparse_attention-h100-80gb-hbm3-splitk.json: edge cases and decode B=1..128, rel-L2 ≤ 3.0e-3).
+    no_auto_barriers, warp_issue: row-gather issue cost. A Pallas TMA issued by a warpgroup makes all 128 threads
+      arrive on the barrier and, with automatic barriers, first syncs the warpgroup. no_auto_barriers drops Pallas's
+      automatic warpgroup syncs (the kernel orders its SMEM accesses itself: every staging read precedes a
+      commit_smem, whose warpgroup barrier precedes the TMA that overwrites it): prefill 16k 15.19 -> 8.62 ms on the
+      H100 (-issue-{base,noauto}.json). warp_issue spreads a block's rows over the memory warpgroup's 4 warps, each
+      issuing its own TMAs (the row indices are read before: warp-level code may not load from memory on jax 0.11):
+      8.62 -> 6.01 ms (-warp.json).
+    """
+
+    chunk_columns: int = 256
+    row_unroll: int = 4
+    split_k: bool = True
+    warp_issue: bool = True
+    no_auto_barriers: bool = True
+
+
+DEFAULT_TUNING = Tuning()
 
 
 def unsupported_reason(q, kv, indices, sink) -> str | None:
@@ -80,30 +92,28 @@ def unsupported_reason(q, kv, indices, sink) -> str | None:
     return None
 
 
-def default_splits(tokens: int, heads: int, k: int, bk: int = 32) -> int:
+def default_splits(tokens: int, heads: int, k: int, bk: int = 32, *, split_k: bool = DEFAULT_TUNING.split_k,
+                   num_sms: int | None = None) -> int:
     """Splits over K for `tokens` query tokens of `heads` heads over `k` rows: as many CTAs as fit in one wave
-    (one per SM), ≥ 2 blocks each (each CTA double-buffers its blocks). A second wave gains nothing: at B=128
-    (128 CTAs) two splits ran 52.7 against 46.7 µs of kernel time on the H100 (kernel-limits-h100-80gb-hbm3.json)."""
+    (one CTA fits per SM, ~220 KB of shared memory), ≥ 2 blocks each (each CTA double-buffers its blocks). A second
+    wave gains nothing: at B=128 (128 CTAs) two splits ran 52.7 against 46.7 µs of kernel time on the H100
+    (kernel-limits-h100-80gb-hbm3.json). num_sms: the GPU's SMs (None: the default device's, see `sm_count`)."""
     ctas, blocks = tokens * -(-heads // HEADS_PER_CTA), -(-k // bk)
-    if not SPLIT_K or ctas >= GPU_SMS:
+    sms = num_sms or sm_count()
+    if not split_k or ctas >= sms:
         return 1
-    return max(1, min(blocks // 2, GPU_SMS // ctas))
+    return max(1, min(blocks // 2, sms // ctas))
 
 
-def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False, splits=1):
-    """debug=True adds three outputs, stored straight from registers (per token and compute warpgroup h):
-    [T, 2, 5, M, bk] f32 for block 0: own partial scores, the other WG's, masked scaled scores, valid, P;
-    [T, 2, 4, M] f32: m before / after block 0, l after block 0, final l; [T, 2, M, d/2] f32: final acc;
-    by TMA from SMEM: [T, 2, M, d/2] the Q halves, [T, d/CW, bk, CW] block 0's tiled chunks, its staging.
-    splits > 1: CTA (token, group, split) runs blocks [split·nblk, (split+1)·nblk) and returns its normalised
+def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, splits=1, tuning: Tuning = DEFAULT_TUNING):
+    """splits > 1: CTA (token, group, split) runs blocks [split·nblk, (split+1)·nblk) and returns its normalised
     partial output [splits, T, Hp, d] and base-2 log-sum-exp [splits, T, Hp] (the sink counted in split 0 only)."""
-    assert not (debug and splits > 1)
     G = Hp // HEADS_PER_CTA
     dh = d // 2
     nblk = Kp // bk // splits  # blocks per CTA
     NS = 2  # staging buffers (row gathers in flight)
     NT = 2  # tiled buffers (wgmma operands)
-    CW = min(CHUNK_COLUMNS, d // 2)  # chunk width (columns; a TMA box has at most 256 per dimension)
+    CW = min(tuning.chunk_columns, d // 2)  # chunk width (columns; a TMA box has at most 256 per dimension)
     M = HEADS_PER_CTA
     TL = T if T <= 32768 else 1024  # CUDA grid y/z dimensions stop at 65535: tokens as (T/TL, TL)
     assert T % TL == 0
@@ -134,11 +144,9 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False, spl
         return x if interpret is not None else plgpu.layout_cast(x, layout)
 
     def body(q_ref, kv_ref, idx_ref, sink_ref, out_ref, *rest):
-        dbg = lse_ref = None
+        lse_ref = None
         if splits > 1:
             lse_ref, rest = rest[0], rest[1:]
-        if debug:
-            dbg, rest = rest[:6], rest[6:]
         (q_smem, stage, tiled, exch, idx_ring, sink_smem,
          q_bar, idx_bar, stage_bar, ready_bar, free_bar, x_bar, xfree_bar) = rest
         tok = lax.axis_index("th") * TL + lax.axis_index("tl")
@@ -155,9 +163,6 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False, spl
             plgpu.copy_gmem_to_smem(q_ref.at[tok, pl.ds(grp * M, M), pl.ds(h * dh, dh)], q_smem.at[h], q_bar.at[h])
             plgpu.copy_gmem_to_smem(sink_ref.at[grp], sink_smem.at[h], q_bar.at[h])
             plgpu.barrier_wait(q_bar.at[h])
-            if debug:
-                plgpu.copy_smem_to_gmem(q_smem.at[h], dbg[3].at[tok, h])
-                plgpu.wait_smem_to_gmem(0)
             m0 = load(sink_smem.at[h], plgpu.Layout.WGMMA.reduce(1))  # sink·log2e
             # the sink's exp2(sink - m) term: l starts at 1 (once over the splits: in split 0)
             l_start = 1.0 if splits == 1 else (1 - jnp.minimum(split, 1)).astype(jnp.float32)
@@ -202,15 +207,6 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False, spl
                 l_new = l_i * alpha + p.sum(axis=1)
                 acc = acc * lax.broadcast_in_dim(alpha, (M, dh), [0])
                 p16 = p.astype(dtype)
-                if debug:
-                    @pl.when(j == 0)
-                    def _():
-                        one = s_own * 0.0 + 1.0
-                        for k, v in enumerate((s_own, s_other, s, jnp.where(valid, one, one - 1.0),
-                                               p16.astype(jnp.float32))):
-                            dbg[0].at[tok, h, k][...] = v
-                        for k, v in enumerate((m_i, m_new, l_new)):
-                            dbg[1].at[tok, h, k][...] = v
 
                 if interpret is None:
                     def pv(acc_ref):  # each column chunk of V into its slice of the accumulator
@@ -225,9 +221,6 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False, spl
 
             acc, m_i, l_i = lax.fori_loop(0, nblk, lambda j, c: step(j, lax.rem(j, NT), c), (acc0, m0, l0))
             plgpu.barrier_wait(xfree_bar)  # observe the last exchange phase (barriers end fully observed)
-            if debug:
-                dbg[1].at[tok, h, 3][...] = l_i
-                dbg[2].at[tok, h][...] = acc
             if splits > 1:  # a split with no valid row and no sink has l = 0: weight 0 in the combination
                 seen = l_i > 0.0
                 l_i = jnp.where(seen, l_i, 1.0)
@@ -271,7 +264,7 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False, spl
                 # jax 0.11's Mosaic GPU layout inference grows faster than linearly with the kernel's op count
                 # (bk unrolled single-issuer copies: ~15 s to lower one attention shape; NOTES.md). The per-warp
                 # issue unrolls bk/4 rows per warp and lowers in 1.6-2.1 s; the single issuer keeps a loop.
-                if WARP_ISSUE and interpret is None:
+                if tuning.warp_issue and interpret is None:
                     rows = [row_id(r) for r in range(bk)]
 
                     def warp_rows(warp):  # rows warp, warp + 4, ...: four TMA issuers instead of one
@@ -283,18 +276,13 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False, spl
 
                     plgpu.warp_map(warp_rows)
                 else:
-                    lax.fori_loop(0, bk, lambda r, c: copy_row(row_id(r), r), None, unroll=min(ROW_UNROLL, bk))
+                    lax.fori_loop(0, bk, lambda r, c: copy_row(row_id(r), r), None, unroll=min(tuning.row_unroll, bk))
 
             for i in range(min(NS, nblk)):
                 gather(i, i)
 
             def convert(j, s_slot, t_slot):
                 plgpu.barrier_wait(stage_bar.at[s_slot])
-                if debug:
-                    @pl.when(j == 0)
-                    def _():
-                        plgpu.copy_smem_to_gmem(stage.at[s_slot], dbg[5].at[tok])
-                        plgpu.wait_smem_to_gmem(0)
 
                 @pl.when(j >= NT)
                 def _():
@@ -311,12 +299,6 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False, spl
                             dst, src = dst.at[pl.ds(r0, convert_rows)], src.at[pl.ds(r0, convert_rows)]
                         dst[...] = load(src, copy_layout, optimized=False)
                 plgpu.commit_smem()
-                if debug:
-                    @pl.when(j == 0)
-                    def _():
-                        for c in range(NCH):
-                            plgpu.copy_smem_to_gmem(tiled.at[t_slot, c], dbg[4].at[tok, c])
-                        plgpu.wait_smem_to_gmem(0)
                 plgpu.barrier_arrive(ready_bar.at[t_slot])
 
                 @pl.when(j + NS < nblk)
@@ -353,11 +335,6 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False, spl
     out_type = jax.ShapeDtypeStruct((T, Hp, d), dtype)
     if splits > 1:
         out_type = (jax.ShapeDtypeStruct((splits, T, Hp, d), dtype), jax.ShapeDtypeStruct((splits, T, Hp), jnp.float32))
-    if debug:
-        out_type = (out_type, jax.ShapeDtypeStruct((T, 2, 5, M, bk), jnp.float32),
-                    jax.ShapeDtypeStruct((T, 2, 4, M), jnp.float32), jax.ShapeDtypeStruct((T, 2, M, dh), jnp.float32),
-                    jax.ShapeDtypeStruct((T, 2, M, dh), dtype), jax.ShapeDtypeStruct((T, NCH, bk, CW), dtype),
-                    jax.ShapeDtypeStruct((T, NCH, bk, CW), dtype))
     call = plgpu.kernel(
         body,
         out_type=out_type,
@@ -366,18 +343,18 @@ def _build(T, S, Hp, d, N, Bk, Kp, dtype, scale, bk, interpret, debug=False, spl
         grid_names=("th", "tl", "hg"),
         num_threads=3,
         thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=NO_AUTO_BARRIERS),
+        compiler_params=plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=tuning.no_auto_barriers),
         **kwargs,
     )
     return call
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "bk", "interpret", "debug", "splits"))
-def sparse_attention_kernel(q, kv, indices, sink, scale: float, bk: int = 32, interpret=None, debug=False,
-                            splits: int | None = None):
+@functools.partial(jax.jit, static_argnames=("scale", "bk", "interpret", "splits", "tuning", "num_sms"))
+def sparse_attention_kernel(q, kv, indices, sink, scale: float, bk: int = 32, interpret=None,
+                            splits: int | None = None, *, tuning: Tuning = DEFAULT_TUNING, num_sms: int | None = None):
     """Same contract as `sparse_attention_reference`; kv may have batch 1 (shared over B).
-    splits: CTAs per (token, head group) over K (None: `default_splits`).
-    debug=True also returns the kernel's intermediate dumps (see `_build`; GPU debugging only)."""
+    splits: CTAs per (token, head group) over K (None: `default_splits`, from num_sms SMs: None = the default
+    device's, `sm_count`). tuning: the kernel's switches (`Tuning`; the defaults are the verified kernel)."""
     reason = unsupported_reason(q, kv, indices, sink)
     if reason:
         raise ValueError(f"sparse_attention kernel: {reason}")
@@ -387,7 +364,7 @@ def sparse_attention_kernel(q, kv, indices, sink, scale: float, bk: int = 32, in
     Hp = -(-H // HEADS_PER_CTA) * HEADS_PER_CTA
     T = B * S
     if splits is None:
-        splits = 1 if debug else default_splits(T, H, K, bk)
+        splits = default_splits(T, H, K, bk, split_k=tuning.split_k, num_sms=num_sms)
     splits = max(1, min(splits, -(-K // bk)))
     Kp = -(-K // (bk * splits)) * bk * splits
     qf = q.reshape(T, H, d)
@@ -403,13 +380,10 @@ def sparse_attention_kernel(q, kv, indices, sink, scale: float, bk: int = 32, in
     if Tp != T:  # pad the token axis for the grid; the padded queries read row 0 and are dropped
         qf = jnp.pad(qf, ((0, Tp - T), (0, 0), (0, 0)))
         idx = jnp.pad(idx, ((0, Tp - T), (0, 0)), constant_values=-1)
-    call = _build(Tp, S, Hp, d, N, Bk, Kp, q.dtype, float(scale), bk, interpret, debug=debug, splits=splits)
-    chunk = min(CHUNK_COLUMNS, d // 2)
+    call = _build(Tp, S, Hp, d, N, Bk, Kp, q.dtype, float(scale), bk, interpret, splits=splits, tuning=tuning)
+    chunk = min(tuning.chunk_columns, d // 2)
     kvr = kv.reshape(Bk, N, d // chunk, chunk)  # rows as column chunks: one TMA per chunk
     out = call(qf, kvr, idx, sinkf.reshape(Hp // HEADS_PER_CTA, HEADS_PER_CTA))
-    if debug:
-        out, *dumps = out
-        return (out[:T, :H].reshape(B, S, H, d), *dumps)
     if splits > 1:  # softmax-weighted sum of the splits' normalised outputs
         parts, lse = out
         weights = jnp.exp2(lse - lse.max(axis=0, keepdims=True))

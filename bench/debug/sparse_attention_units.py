@@ -1,6 +1,7 @@
 """GPU unit checks of the kernel's pieces (one warpgroup each), plus the full kernel. Prints a table.
 
-python3 -m dsv4jax.pallas.sparse_attention.debug_units   (LOWER_ONLY=1: lower for CUDA on a CPU host)
+python3 bench/debug/sparse_attention_units.py   (LOWER_ONLY=1: lower for CUDA on a CPU host)
+A debugging aid kept outside the package (NOTES.md of dsv4jax/pallas/sparse_attention); not run by the tests.
 """
 import os
 import sys
@@ -11,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 LOWER_ONLY = os.environ.get("LOWER_ONLY") == "1"
 bk, M = 32, 64
@@ -223,7 +226,6 @@ def main():
             run(f"pv regsA own d={d} h={h}", pv_kernel(d, h, 64, "own"), (p, x), exp)
             run(f"pv smemA slice d={d} h={h}", pv_smemA_kernel(d, h, 64), (p, x), exp)
     # the full kernel
-    tag = f"C{os.environ.get('DSV4JAX_SA_CHUNKED', '1')}S{os.environ.get('DSV4JAX_SA_CONTIG', '0')}"
     if os.environ.get("UNITS_ONLY") != "1":
         from dsv4jax.pallas.sparse_attention.kernel import sparse_attention_kernel
         from dsv4jax.pallas.sparse_attention.reference import sparse_attention_reference
@@ -234,7 +236,7 @@ def main():
             idx = jax.random.randint(ks[2], (B, S, K), -20, N, dtype=jnp.int32)
             sink = jax.random.normal(ks[3], (64,), jnp.float32)
             ref = sparse_attention_reference(q.astype(jnp.float32), kv.astype(jnp.float32), idx, sink, d ** -0.5)
-            run(f"full {tag} d={d} B={B} S={S} K={K}", lambda *a: sparse_attention_kernel(*a, scale=d ** -0.5),
+            run(f"full d={d} B={B} S={S} K={K}", lambda *a: sparse_attention_kernel(*a, scale=d ** -0.5),
                 (q, kv, idx, sink), ref)
     print("\n==== table ====")
     for r in rows_out:
