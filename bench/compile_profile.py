@@ -37,6 +37,7 @@ def child(variant: str, buckets: list[str], out: str, config_path: str) -> None:
     import numpy as np
     from bench.common import random_model
     from dsv4jax.config import load_config
+    from dsv4jax.run import Runner
     from dsv4jax.serve.engine import Engine, EngineConfig
 
     events: dict[str, float] = {}
@@ -56,6 +57,7 @@ def child(variant: str, buckets: list[str], out: str, config_path: str) -> None:
     start = time.perf_counter()
     model = random_model(config, "flash-slice")
     emit({"stage": "build_model", "seconds": time.perf_counter() - start})
+    runner = Runner(model.graphdef, kernels=variant.partition(":")[0])
     engines = {}
     for bucket in buckets:
         kind, _, shape = bucket.partition(":")
@@ -64,7 +66,7 @@ def child(variant: str, buckets: list[str], out: str, config_path: str) -> None:
             engines[steps] = Engine(model, EngineConfig(
                 max_running_requests=8, max_model_len=1024, page_tokens=256, prefill_chunk=512,
                 prefill_buckets=(512,), max_prefill_rows=1, prefill_row_buckets=(1,), decode_buckets=(8,),
-                speculative_steps=steps, prompt_logprobs=False))
+                speculative_steps=steps, prompt_logprobs=False), runner=runner)
         engine = engines[steps]
         rows, _, chunk = shape.partition("x")
         events.clear()
@@ -114,8 +116,8 @@ def main() -> None:
     while pending or running:
         while pending and len(running) < args.parallel:
             variant = pending.pop(0)
-            kernels, _, flags = variant.partition(":")
-            env = dict(os.environ, DSV4JAX_KERNELS=kernels, XLA_FLAGS=FLAGS[flags or "default"],
+            flags = variant.partition(":")[2]
+            env = dict(os.environ, XLA_FLAGS=FLAGS[flags or "default"],
                        XLA_PYTHON_CLIENT_PREALLOCATE="false")
             log = open(os.path.join(args.out_dir, f"compile-{variant.replace(':', '-')}.log"), "w")
             process = subprocess.Popen([sys.executable, __file__, "--child", variant, "--child-out", lines,

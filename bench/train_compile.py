@@ -40,7 +40,6 @@ def main(argv=None) -> int:
         name, _, value = option.partition("=")
         jax.config.update(name, {"true": True, "false": False}.get(value.lower(), value))
 
-    from dsv4jax import pallas
     from dsv4jax.config import load_config
     from dsv4jax.train.loop import Trainer, TrainConfig
 
@@ -63,17 +62,16 @@ def main(argv=None) -> int:
                  "grad": (jax.grad(forward), (state["params"], state["rest"], batch)),
                  "step": (trainer._step, (state, batch, hyper))}
     compiled = None
-    with pallas.use("reference"):
-        for stage in args.stages.split(","):
-            fn, inputs = functions[stage]
-            start = time.perf_counter()
-            lowered = jax.jit(fn).lower(*inputs)
-            say(record, f"{stage}_lower_s", time.perf_counter() - start)
-            start = time.perf_counter()
-            executable = lowered.compile()
-            say(record, f"{stage}_compile_s", time.perf_counter() - start)
-            if stage == "step":
-                compiled = executable
+    for stage in args.stages.split(","):
+        fn, inputs = functions[stage]
+        start = time.perf_counter()
+        lowered = jax.jit(fn).lower(*inputs)
+        say(record, f"{stage}_lower_s", time.perf_counter() - start)
+        start = time.perf_counter()
+        executable = lowered.compile()
+        say(record, f"{stage}_compile_s", time.perf_counter() - start)
+        if stage == "step":
+            compiled = executable
     if compiled is not None and args.steps:
         state, metrics = compiled(state, batch, hyper)
         jax.block_until_ready(metrics)

@@ -175,9 +175,9 @@ def main(argv=None) -> int:
         if args.log_every:
             print(f"[{time.perf_counter() - launched:.0f}s] exported; scoring the shipped checkpoint", flush=True)
         begin = time.perf_counter()
-        heldout = evaluate(shipped, heldout_tokens, args.seq_len, limit=args.eval_windows)
+        heldout = evaluate(shipped, heldout_tokens, args.seq_len, limit=args.eval_windows, kernels=args.kernels)
         sample = batch_at(train_tokens, 1 << 30, heldout["windows"], args.seq_len, args.seed)
-        train_sample = evaluate_windows(shipped, sample)
+        train_sample = evaluate_windows(shipped, sample, kernels=args.kernels)
         summary["heldout"] = heldout
         summary["heldout_loss"] = heldout["loss"]
         summary["heldout_perplexity"] = heldout["perplexity"]

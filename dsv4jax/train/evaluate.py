@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from dsv4jax.model import DeepseekV4, init_state
+from dsv4jax.run import Runner
 
 
 def windows(tokens: np.ndarray, seq_len: int, limit: int | None = None) -> np.ndarray:
@@ -28,38 +29,39 @@ def windows(tokens: np.ndarray, seq_len: int, limit: int | None = None) -> np.nd
     return np.stack([tokens[i * seq_len:i * seq_len + seq_len + 1] for i in range(count)]).astype(np.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _window_stats(graphdef, params, batch):
-    model = nnx.merge(graphdef, params)
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _window_stats(runner: Runner, config, params, batch):
     inputs, targets = batch[:, :-1], batch[:, 1:]
     size, length = inputs.shape
-    hidden, streams, _ = model(inputs, init_state(model.config, size, length))
-    logprobs = jax.nn.log_softmax(model.logits(hidden), axis=-1)
+    hidden, streams, _ = runner.target(params, init_state(config, size, length), inputs, None)
+    logprobs = jax.nn.log_softmax(runner.logits(params, hidden), axis=-1)
     nll = -jnp.sum(jnp.take_along_axis(logprobs, targets[..., None], axis=-1))
     greedy = jnp.argmax(logprobs, axis=-1)  # at p: the target's choice for token p+1
-    if not model.config.num_mtp_layers:
+    if not config.num_mtp_layers:
         return nll, jnp.zeros((), jnp.int32)
-    mtp_hidden, _, _ = model.mtp_forward(streams, targets, init_state(model.config, size, length, mtp=True))
-    draft = jnp.argmax(model.logits(mtp_hidden), axis=-1)  # at t: the draft of token t+2
+    mtp_hidden, _, _ = runner.mtp(params, init_state(config, size, length, mtp=True), streams, targets, None)
+    draft = jnp.argmax(runner.logits(params, mtp_hidden), axis=-1)  # at t: the draft of token t+2
     return nll, jnp.sum(draft[:, :-1] == greedy[:, 1:])
 
 
 def evaluate(model: DeepseekV4, tokens: np.ndarray, seq_len: int, batch_size: int = 16,
-             limit: int | None = None) -> dict:
-    """Mean NLL / perplexity over windows of seq_len (whole batches of them), and the 1-step MTP acceptance."""
+             limit: int | None = None, kernels: str = "auto") -> dict:
+    """Mean NLL / perplexity over windows of seq_len (whole batches of them), and the 1-step MTP acceptance;
+    `kernels` as in `dsv4jax.run.Runner`."""
     data = windows(tokens, seq_len, limit)
     if len(data) > batch_size:  # whole batches only: one compiled shape
         data = data[:len(data) // batch_size * batch_size]
-    return evaluate_windows(model, data, batch_size)
+    return evaluate_windows(model, data, batch_size, kernels)
 
 
-def evaluate_windows(model: DeepseekV4, data: np.ndarray, batch_size: int = 16) -> dict:
+def evaluate_windows(model: DeepseekV4, data: np.ndarray, batch_size: int = 16, kernels: str = "auto") -> dict:
     """`evaluate` on given windows [N, L+1]."""
     graphdef, params = nnx.split(model)
+    runner = Runner(graphdef, kernels=kernels)
     seq_len = data.shape[1] - 1
     total_nll, accepted = 0.0, 0
     for start in range(0, len(data), batch_size):
-        nll, hits = _window_stats(graphdef, params, jnp.asarray(data[start:start + batch_size]))
+        nll, hits = _window_stats(runner, model.config, params, jnp.asarray(data[start:start + batch_size]))
         total_nll += float(nll)
         accepted += int(hits)
     scored = data.shape[0] * seq_len
