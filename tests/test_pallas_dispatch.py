@@ -12,7 +12,7 @@ import pytest
 from numerics import rel_l2
 
 import dsv4jax.pallas as pallas
-from dsv4jax.pallas import compat
+from dsv4jax import compat
 from dsv4jax.pallas.indexer_topk import indexer_topk, indexer_topk_reference
 from dsv4jax.pallas.moe_gmm import routed_experts, routed_experts_reference
 from dsv4jax.pallas.sparse_attention import sparse_attention, sparse_attention_reference

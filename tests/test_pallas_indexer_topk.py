@@ -17,7 +17,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from dsv4jax.pallas import compat  # noqa: E402
+from dsv4jax import compat  # noqa: E402
 from dsv4jax.pallas.indexer_topk import (  # noqa: E402
     indexer_scores, indexer_scores_reference, indexer_topk, indexer_topk_kernel, indexer_topk_reference, kernel)
 

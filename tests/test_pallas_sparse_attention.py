@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from dsv4jax.pallas import compat
+from dsv4jax import compat
 from dsv4jax.pallas.sparse_attention.kernel import sparse_attention_kernel
 from dsv4jax.pallas.sparse_attention.reference import sparse_attention_reference
 

@@ -65,6 +65,6 @@ def interpret_params():
     """None on a GPU (the compiled kernel), else the Mosaic GPU interpreter's `interpret=` value."""
     if on_gpu():
         return None
-    from dsv4jax.pallas.compat import mosaic_gpu_interpret_params
+    from dsv4jax.compat import mosaic_gpu_interpret_params
 
     return mosaic_gpu_interpret_params()

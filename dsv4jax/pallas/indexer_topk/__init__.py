@@ -27,7 +27,7 @@ def indexer_scores(q, weights, keys, visible_rows=None, *, interpret=None, plan=
     """Mosaic GPU kernel scores [B,S,N] fp32 (−inf at rows j ≥ visible_rows[b,t]; all rows when None).
 
     Equals `indexer_scores_reference(q, weights, keys)` on the visible rows, up to fp32 summation order.
-    `interpret`: e.g. `dsv4jax.pallas.compat.mosaic_gpu_interpret_params()` to run on the CPU. `num_sms`: the
+    `interpret`: e.g. `dsv4jax.compat.mosaic_gpu_interpret_params()` to run on the CPU. `num_sms`: the
     GPU's SMs for the default plan (None: the default device's).
     """
     from dsv4jax.pallas.indexer_topk import kernel
