@@ -1,4 +1,4 @@
-"""The full V4-Flash model over 8 GPUs (issue #9, third item), written to bench/results/<name>.json:
+"""The full V4-Flash model over 8 GPUs, written to bench/results/<name>.json:
 
 1. write a random checkpoint in the official format (FP8 e4m3 linears with 128×128 UE8M0 block scales, packed FP4
    routed experts with 1×32 scales, bf16/fp32 elsewhere; config.json + model-*.safetensors + index), file by file;

@@ -1,4 +1,4 @@
-"""What limits the kernels where issue #8's targets are not met: each case timed beside a variant that removes one
+"""What limits the kernels where the kernel targets are not met: each case timed beside a variant that removes one
 suspect, in one run, by device time (a `jax.profiler` trace, so launch and host overhead are not counted).
 
     python3 bench/kernel_limits.py [--parts attention moe]

@@ -1,4 +1,4 @@
-"""End-to-end forward of the `flash-slice` config (V4-Flash widths, 4 layers, 32 experts; ENVIRONMENT.md) on one GPU:
+"""End-to-end forward of the `flash-slice` config (V4-Flash widths, 4 layers, 32 experts; configs/deepseek-v4-flash-slice.json) on one GPU:
 prefill time at 1k and 4k tokens (last-token logits, as served; and with fp32 logits at every position, as
 evaluated) and decode time per token at batch 1, with the kernels that "auto" dispatch picks
 (the Pallas kernels verified on the GPU) and with the pure-JAX reference path, and the agreement of their logits

@@ -1,4 +1,4 @@
-"""Runs on several GPUs of one host (issue: 4 and 8 GPUs), written to bench/results/multi-gpu-<kind>.json:
+"""Runs on several GPUs of one host (4 and 8 GPUs), written to bench/results/multi-gpu-<kind>.json:
 
 1. context-parallel prefill of long prompts (`flash-slice`: V4-Flash widths, 4 layers, 32 experts, bf16, random
    weights) for each cp size and split mode: time to first token, and logits against the smallest cp that ran

@@ -1,4 +1,4 @@
-"""Issue #8's kernel targets against the measured H100 results: each target, the figure that decides it, how far
+"""The kernel targets against the measured H100 results: each target, the figure that decides it, how far
 it is, and (where not met) what limits it and which measurement shows that. Reads only result files (no GPU).
 
     python3 bench/targets.py [--device h100-80gb-hbm3]

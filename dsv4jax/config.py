@@ -1,7 +1,7 @@
 """DeepSeek-V4 configuration: one frozen dataclass, read from an upstream `config.json` in either naming.
 
 ARCHITECTURE §1.1 lists the real values (HF names, official `inference/config.json` names in brackets),
-§1.3 how HF translates them. `ModelConfig` is hashable so it can be a static argument of `jax.jit`.
+ARCHITECTURE §1.3 how HF translates them. `ModelConfig` is hashable so it can be a static argument of `jax.jit`.
 """
 
 from __future__ import annotations
@@ -70,9 +70,9 @@ class ModelConfig:
     weight_block_size: tuple[int, int] | None = (128, 128)  # FP8 block scales; None: unquantized checkpoint
     # Numerics (not part of the checkpoint). ARCHITECTURE §2: activations in `dtype`, listed math in fp32.
     dtype: str = "bfloat16"
-    simulate_fp8_kv: bool = False  # §10.3 item 2
-    simulate_fp4_indexer: bool = False  # §10.3 item 3
-    simulate_fp8_activations: bool = False  # §10.3 item 1
+    simulate_fp8_kv: bool = False  # ARCHITECTURE §10.3 item 2
+    simulate_fp4_indexer: bool = False  # ARCHITECTURE §10.3 item 3
+    simulate_fp8_activations: bool = False  # ARCHITECTURE §10.3 item 1
 
     def __post_init__(self):
         _validate(self)

@@ -1,12 +1,12 @@
 """Number formats of DeepSeek-V4 (ARCHITECTURE §10).
 
 Host side (numpy, used by the checkpoint loader and writer):
-  * `dequantize_fp8` / `quantize_fp8`: e4m3 weights with one UE8M0 scale per 128×128 block (§10.1, §10.2).
+  * `dequantize_fp8` / `quantize_fp8`: e4m3 weights with one UE8M0 scale per 128×128 block (ARCHITECTURE §10.1, ARCHITECTURE §10.2).
   * `dequantize_fp4` / `quantize_fp4`: packed E2M1 weights (two codes per int8) with one UE8M0 scale per 1×32 block.
-Model side (jax.numpy, optional quantization simulations of the official forward, §10.3):
+Model side (jax.numpy, optional quantization simulations of the official forward, ARCHITECTURE §10.3):
   * `fp8_qdq`: per-row blocks, power-of-two scale, e4m3 round-to-nearest-even, multiply back.
   * `fp4_qdq`: per-row 32-blocks, power-of-two scale, E2M1 round-to-nearest-even, multiply back.
-  * `hadamard`: orthonormal Sylvester Walsh–Hadamard transform of the last axis (indexer, §8.4).
+  * `hadamard`: orthonormal Sylvester Walsh–Hadamard transform of the last axis (indexer, ARCHITECTURE §8.4).
 
 Every rounding here is done explicitly in fp32 arithmetic (exponent read from the bits, `round` half-to-even on an
 exact multiple of the grid step) instead of through float8/float4 casts: under `jax.jit` on GPU, XLA removes a
@@ -26,7 +26,7 @@ import numpy as np
 
 E4M3_MAX = 448.0
 E2M1_MAX = 6.0
-# Lower bounds on a block's amax before the scale is derived (§10.3): keep the scale finite for all-zero blocks.
+# Lower bounds on a block's amax before the scale is derived (ARCHITECTURE §10.3): keep the scale finite for all-zero blocks.
 FP8_AMAX_FLOOR = 1e-4
 FP4_AMAX_FLOOR = 6.0 * 2.0**-126
 FP8_WEIGHT_BLOCK = (128, 128)
@@ -37,7 +37,7 @@ FP4_WEIGHT_BLOCK = 32
 _E4M3_GRID = (3, -6)
 _E2M1_GRID = (1, 0)
 
-# §10.2: E2M1 code -> value, bit 3 is the sign.
+# ARCHITECTURE §10.2: E2M1 code -> value, bit 3 is the sign.
 E2M1_LUT = np.array(
     [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], dtype=np.float32
 )
@@ -85,7 +85,7 @@ def _np_round_to_grid(y: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
 
 
 def _e8m0_to_float32(scale: np.ndarray) -> np.ndarray:
-    """UE8M0 byte b -> 2^(b-127) exactly (b=0 is the fp32 subnormal 2^-127), b=0xFF -> NaN (§10.1)."""
+    """UE8M0 byte b -> 2^(b-127) exactly (b=0 is the fp32 subnormal 2^-127), b=0xFF -> NaN (ARCHITECTURE §10.1)."""
     scale_bytes = _as_bytes_of(scale, ml_dtypes.float8_e8m0fnu, "scale")
     bits = scale_bytes.astype(np.uint32) << np.uint32(23)
     bits = np.where(scale_bytes == 0, np.uint32(0x00400000), bits)
@@ -129,11 +129,11 @@ def _finite_float32(w_float, what: str) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# FP8 weights: e4m3 with UE8M0 scale per 128×128 block (§10.1, §10.2)
+# FP8 weights: e4m3 with UE8M0 scale per 128×128 block (ARCHITECTURE §10.1, ARCHITECTURE §10.2)
 
 
 def dequantize_fp8(weight: np.ndarray, scale: np.ndarray, block: tuple[int, int] = FP8_WEIGHT_BLOCK) -> np.ndarray:
-    """§10.2: W[i,j] = float(e4m3[i,j]) · 2^(e8m0[i//128, j//128] − 127), as float32.
+    """ARCHITECTURE §10.2: W[i,j] = float(e4m3[i,j]) · 2^(e8m0[i//128, j//128] − 127), as float32.
 
     `weight` [..., out, in] float8_e4m3fn, `scale` [..., ceil(out/128), ceil(in/128)] float8_e8m0fnu (raw uint8
     codes are accepted for both). Exact: every product is representable in fp32 except where it overflows.
@@ -151,7 +151,7 @@ def dequantize_fp8(weight: np.ndarray, scale: np.ndarray, block: tuple[int, int]
 def quantize_fp8(w_float: np.ndarray, block: tuple[int, int] = FP8_WEIGHT_BLOCK) -> tuple[np.ndarray, np.ndarray]:
     """Inverse of `dequantize_fp8` (official checkpoint format): returns (e4m3 weight, e8m0 scale).
 
-    Per block: s = 2^ceil(log2(max(amax, 1e-4)/448)) (UE8M0, §10.3's rule, so amax/s ≤ 448), codes =
+    Per block: s = 2^ceil(log2(max(amax, 1e-4)/448)) (UE8M0, ARCHITECTURE §10.3's rule, so amax/s ≤ 448), codes =
     e4m3_RNE(clamp(w/s, ±448)). The input is widened to fp32 first; dequantize∘quantize is idempotent.
     """
     w = _finite_float32(w_float, "quantize_fp8")
@@ -165,11 +165,11 @@ def quantize_fp8(w_float: np.ndarray, block: tuple[int, int] = FP8_WEIGHT_BLOCK)
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# FP4 weights: packed E2M1 with UE8M0 scale per 1×32 block (§10.1, §10.2)
+# FP4 weights: packed E2M1 with UE8M0 scale per 1×32 block (ARCHITECTURE §10.1, ARCHITECTURE §10.2)
 
 
 def dequantize_fp4(packed: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """§10.2: byte u = uint8(packed[i, c]); element 2c <- u & 0xF, element 2c+1 <- u >> 4; W = LUT[code]·2^(s−127).
+    """ARCHITECTURE §10.2: byte u = uint8(packed[i, c]); element 2c <- u & 0xF, element 2c+1 <- u >> 4; W = LUT[code]·2^(s−127).
 
     `packed` [..., out, in/2] int8, `scale` [..., out, ceil(in/32)] float8_e8m0fnu. Returns float32 [..., out, in].
     """
@@ -211,7 +211,7 @@ def quantize_fp4(w_float: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# activation-side simulations (jax, §10.3)
+# activation-side simulations (jax, ARCHITECTURE §10.3)
 
 
 def _jnp_pow2(exponent: jax.Array) -> jax.Array:
@@ -241,7 +241,7 @@ def _blockwise_qdq(x: jax.Array, block: int, format_max: float, amax_floor: floa
         raise ValueError(f"last axis {x.shape[-1]} is not a multiple of the quantization block {block}")
     blocks = x.astype(jnp.float32).reshape(*x.shape[:-1], x.shape[-1] // block, block)
     amax = jnp.max(jnp.abs(blocks), axis=-1, keepdims=True)
-    # §10.3 writes amax/max; like the official kernel we multiply by fp32(1/max), an exact IEEE multiply on every
+    # ARCHITECTURE §10.3 writes amax/max; like the official kernel we multiply by fp32(1/max), an exact IEEE multiply on every
     # backend. The two differ by an ulp for some amax but never after ceil-log2 (exhaustive test in test_quant.py).
     exponent = _jnp_ceil_log2(jnp.maximum(amax, jnp.float32(amax_floor)) * jnp.float32(1.0 / format_max))
     scaled = jnp.clip(blocks * _jnp_pow2(-exponent), -format_max, format_max)  # = x / s exactly (power of two)
@@ -250,7 +250,7 @@ def _blockwise_qdq(x: jax.Array, block: int, format_max: float, amax_floor: floa
 
 
 def fp8_qdq(x: jax.Array, block: int = 128) -> jax.Array:
-    """§10.3 items 1–2: e4m3 quantize-dequantize per `block` channels of the last axis, in fp32, back to x.dtype.
+    """ARCHITECTURE §10.3 items 1–2: e4m3 quantize-dequantize per `block` channels of the last axis, in fp32, back to x.dtype.
 
     s = 2^ceil(log2(max(amax, 1e-4)/448)), x_q = e4m3_RNE(clamp(x/s, ±448)), returns x_q·s.
     Used with block=128 for linear inputs and block=64 for the KV QAT simulation.
@@ -259,7 +259,7 @@ def fp8_qdq(x: jax.Array, block: int = 128) -> jax.Array:
 
 
 def fp4_qdq(x: jax.Array, block: int = 32) -> jax.Array:
-    """§10.3 item 3: E2M1 quantize-dequantize per `block` channels of the last axis, in fp32, back to x.dtype.
+    """ARCHITECTURE §10.3 item 3: E2M1 quantize-dequantize per `block` channels of the last axis, in fp32, back to x.dtype.
 
     s = 2^ceil(log2(max(amax, 6·2^-126)/6)), x_q = E2M1_RNE(clamp(x/s, ±6)) on {0,.5,1,1.5,2,3,4,6}, returns x_q·s.
     """
@@ -267,7 +267,7 @@ def fp4_qdq(x: jax.Array, block: int = 32) -> jax.Array:
 
 
 def hadamard(x: jax.Array) -> jax.Array:
-    """Orthonormal Sylvester Walsh–Hadamard transform of the last axis: x @ H_n · n^-1/2 (fp32 math, §8.4).
+    """Orthonormal Sylvester Walsh–Hadamard transform of the last axis: x @ H_n · n^-1/2 (fp32 math, ARCHITECTURE §8.4).
 
     Done as log2(n) exact fp32 add/subtract butterflies (no matmul, so no TF32 on GPUs), scaled once at the end like
     the official `hadamard_transform(x, scale=n**-0.5)`. H_n is symmetric, so x @ H_n = H_n x.

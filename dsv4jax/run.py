@@ -6,8 +6,9 @@ new state, and compose into larger jitted functions (the engine's steps, evaluat
 `decode` are those calls with the LM head, jitted once per shape (`forward_fn` etc. unjitted).
 
 Over a mesh every call is the unchanged model inside one `shard_map` (PARALLELISM §0): parameters enter with
-their rules-table specs, the state with its batch over dp (caches replicated over cp, tp and ep, §1), a prompt
-chunk as [batch over dp, tokens over cp] in rank-major order (§1.1, §1.2) and anything else by batch over dp.
+their rules-table specs, the state with its batch over dp (caches replicated over cp, tp and ep, PARALLELISM §1),
+a prompt chunk as [batch over dp, tokens over cp] in rank-major order (PARALLELISM §1.1, PARALLELISM §1.2) and
+anything else by batch over dp.
 `check_vma=False`: values such as the gathered caches are replicated over cp by construction (every rank computes
 them from the same all-gathered inputs), which the varying-axes checker cannot prove.
 
@@ -119,7 +120,7 @@ class Runner:
     def target(self, params, state: DecodeState, ids, num_new, prefill: bool = True):
         """The target model over ids [B,S] at positions state.lengths + 0..S−1 (num_new [B] real): (hidden [B,S,D],
         streams [B,S,n,D], state). `prefill`: a prompt chunk, which a mesh splits over cp; otherwise (decode,
-        verify) every cp rank runs the whole call (§1: decode is not split)."""
+        verify) every cp rank runs the whole call (PARALLELISM §1: decode is not split)."""
         def body(model, layout, state, ids, num_new):
             return model(ids, state, num_new, layout)
 
@@ -127,7 +128,8 @@ class Runner:
 
     def mtp(self, params, state: DecodeState, streams, next_ids, num_new, prefill: bool = True):
         """The MTP module over main-model streams [B,S,n,D] paired with the next tokens [B,S] (ARCHITECTURE
-        §12.1): (hidden, MTP streams, MTP state); under cp its prefill is split like the target's (§5)."""
+        ARCHITECTURE §12.1): (hidden, MTP streams, MTP state); under cp its prefill is split like the target's
+        (PARALLELISM §5)."""
         def body(model, layout, state, streams, next_ids, num_new):
             return model.mtp_forward(streams, next_ids, state, num_new, layout)
 

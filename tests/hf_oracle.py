@@ -14,7 +14,7 @@ Test-support module, not a test. Everything runs on CPU in fp32 with torch; resu
 Notes (findings, transformers 5.23.0):
 * `save_pretrained` does NOT write official names: it reverts the conversion mapping only partly and keeps the
   `model.` prefix (`model.layers.0.attn.wq_a.weight`, `model.embed_tokens.weight`, `head.weight`,
-  `model.layers.0.attn.norm.weight` for the attention kv_norm, ...). Use `save_official` for the §13 layout.
+  `model.layers.0.attn.norm.weight` for the attention kv_norm, ...). Use `save_official` for the ARCHITECTURE §13 layout.
 * HF's FP8 dequantizer derives the block size from the scale grid (rows // scale_rows). That equals the official
   128x128 block only when every dim is a multiple of 128 or at most 128. For other dims (tiny configs: `wo_a` has
   H*d/G = 192 columns) HF would use the wrong block, so `fp8_quantize(..., hf_compatible=True)` (the default here)
@@ -106,7 +106,7 @@ def hf_config(cfg: ModelConfig, quantized: bool = False) -> DeepseekV4Config:
 
 
 def check_hf_config(cfg: ModelConfig, hcfg: DeepseekV4Config, quantized: bool = False) -> None:
-    """Raise AssertionError where HF's interpretation of `cfg` differs from ARCHITECTURE §1/§6."""
+    """Raise AssertionError where HF's interpretation of `cfg` differs from ARCHITECTURE §1/ARCHITECTURE §6."""
     L = cfg.num_hidden_layers
 
     def eq(name, got, want):
@@ -149,7 +149,7 @@ def check_hf_config(cfg: ModelConfig, hcfg: DeepseekV4Config, quantized: bool = 
         got = getattr(rot, f"{label}_inv_freq").double().numpy()
         want = reference_inv_freq(cfg.rope_head_dim, theta, yarn)
         err = float(np.max(np.abs(got - want) / want))
-        assert got.shape == want.shape and err < 1e-6, f"HF {label} inv_freq differs from §6.2 (max rel err {err})"
+        assert got.shape == want.shape and err < 1e-6, f"HF {label} inv_freq differs from ARCHITECTURE §6.2 (max rel err {err})"
         eq(f"{label} attention_scaling", getattr(rot, f"{label}_attention_scaling"), 1.0)
 
     q = getattr(hcfg, "quantization_config", None)
@@ -471,11 +471,11 @@ _TOP_RENAMES = {
     "model.hc_head.hc_base": "hc_head_base",
     "model.hc_head.hc_scale": "hc_head_scale",
 }
-# FP8 linears of §10.1 (official suffixes, relative to a block prefix)
+# FP8 linears of ARCHITECTURE §10.1 (official suffixes, relative to a block prefix)
 FP8_LINEARS = ("attn.wq_a.weight", "attn.wq_b.weight", "attn.wkv.weight", "attn.wo_a.weight", "attn.wo_b.weight",
                "attn.indexer.wq_b.weight", "ffn.shared_experts.w1.weight", "ffn.shared_experts.w2.weight",
                "ffn.shared_experts.w3.weight", "e_proj.weight", "h_proj.weight")
-# fp32 class of §10.1 (kept fp32 even in a bf16 checkpoint)
+# fp32 class of ARCHITECTURE §10.1 (kept fp32 even in a bf16 checkpoint)
 _FP32_CLASS = re.compile(r"(hc_(attn|ffn|head)_(fn|base|scale)|attn_sink|\.ape|gate\.bias)$")
 
 
@@ -551,8 +551,8 @@ def _snap(name: str, t: torch.Tensor, quantize: bool, bf16: bool, block, expert_
 def quantize_weights_(model: DeepseekV4ForCausalLM, cfg: ModelConfig, quantize: bool = True,
                       bf16: bool = False) -> None:
     """Replace the weights in place by what an official checkpoint written by `save_official` decodes to:
-    quantize -> FP8 linears (§10.1) by fp8_qdq (128x128 UE8M0 blocks) and routed experts by fp4_qdq (1x32) /
-    fp8_qdq (cfg.expert_dtype); bf16 -> every other bf16-class tensor (§10.1) rounded to bf16. Idempotent."""
+    quantize -> FP8 linears (ARCHITECTURE §10.1) by fp8_qdq (128x128 UE8M0 blocks) and routed experts by fp4_qdq (1x32) /
+    fp8_qdq (cfg.expert_dtype); bf16 -> every other bf16-class tensor (ARCHITECTURE §10.1) rounded to bf16. Idempotent."""
     block, expert_fmt = tuple(cfg.weight_block_size or (128, 128)), _expert_format(cfg)
     for name, p in model.named_parameters():
         if "mlp.experts." in name:  # stacked [E, out, in]; gate_up_proj rows = [w1; w3], quantized separately
@@ -585,7 +585,7 @@ def _encode(sd: dict[str, torch.Tensor], quantize: bool, bf16: bool, block, expe
 
 
 def random_mtp_official(model: DeepseekV4ForCausalLM, seed: int) -> dict[str, torch.Tensor]:
-    """Random fp32 MTP weights (official `mtp.0.*` names, §12.1); HF has no MTP module, so these only exercise
+    """Random fp32 MTP weights (official `mtp.0.*` names, ARCHITECTURE §12.1); HF has no MTP module, so these only exercise
     loaders. The block is sliding-only with a score-routed MoE (gate.bias), same randomization rules."""
     hcfg = copy.deepcopy(model.config)
     L = hcfg.num_hidden_layers
@@ -619,11 +619,11 @@ def save_official(model: DeepseekV4ForCausalLM, directory: str | os.PathLike, cf
 
     The model is first snapped IN PLACE (`quantize_weights_`) so that it equals what the file decodes to
     (a no-op for quantize=False, dtype=float32).
-    quantize=True: FP8 linears of §10.1 as float8_e4m3fn + `<name>.scale` float8_e8m0fnu (128x128 blocks);
+    quantize=True: FP8 linears of ARCHITECTURE §10.1 as float8_e4m3fn + `<name>.scale` float8_e8m0fnu (128x128 blocks);
     routed experts as packed FP4 (int8 [out, in/2], even element in the low nibble) + e8m0 [out, in/32] scales for
     cfg.expert_dtype "fp4", 128x128 FP8 for "fp8", plain for None/"bf16"; config.json with quantization_config
     (+ expert_dtype). quantize=False: plain tensors, no quantization keys, torch_dtype = dtype.
-    dtype: storage of the bf16-class tensors of §10.1 (float32 or bfloat16); hc_*, attn_sink, ape, gate.bias stay
+    dtype: storage of the bf16-class tensors of ARCHITECTURE §10.1 (float32 or bfloat16); hc_*, attn_sink, ape, gate.bias stay
     fp32; tid2eid is int32.
     mtp_seed: also write random `mtp.0.*` weights (`random_mtp_official`) when cfg has an MTP layer (None: skip).
     Returns the written {name: tensor}.

@@ -30,7 +30,7 @@ def test_hf_naming_gives_the_same_config():
     hf.pop("qk_rope_head_dim")
     hf.pop("num_hash_layers")
     names = {0: "sliding_attention", 4: "compressed_sparse_attention", 128: "heavily_compressed_attention"}
-    hf["layer_types"] = [names[r] for r in ratios[:43]]  # HF drops the MTP entry (§1.3)
+    hf["layer_types"] = [names[r] for r in ratios[:43]]  # HF drops the MTP entry (ARCHITECTURE §1.3)
     hf["mlp_layer_types"] = ["hash_moe"] * 3 + ["moe"] * 40
     hf["partial_rotary_factor"] = 0.125
     hf["rope_parameters"] = {"main": {"rope_type": "default", "rope_theta": 10000.0},

@@ -1,7 +1,7 @@
 """Decode-state consistency (ARCHITECTURE §11): one forward function serves full prefill, chunked prefill,
 one-token decode and right-padded batches of sequences at different positions; all must agree (fp32).
 
-Config: ratios (0, 4, 128, 4 | MTP 0), 16 indexer heads (no top-k ties, §8.5), window 16, index_topk 4, and
+Config: ratios (0, 4, 128, 4 | MTP 0), 16 indexer heads (no top-k ties, ARCHITECTURE §8.5), window 16, index_topk 4, and
 ≥ 300 tokens so every HCA layer (m = 128) emits rows.
 """
 
@@ -203,7 +203,7 @@ def test_padding_never_leaks(run):
 def test_mtp_state_step_by_step_matches_whole_sequence(run):
     ids = tokens(5, (2, 317))
     _, streams, _ = run.forward(ids[:, :316], fresh(2))
-    next_ids = ids[:, 1:]  # hidden of position t is paired with token t+1 (§12.1)
+    next_ids = ids[:, 1:]  # hidden of position t is paired with token t+1 (ARCHITECTURE §12.1)
     full, full_streams, full_state = run.mtp(streams, next_ids, fresh(2, mtp=True))
     logits, mtp_streams, state = run.mtp(streams[:, :300], next_ids[:, :300], fresh(2, mtp=True))
     outs, stream_outs = [logits], [mtp_streams]

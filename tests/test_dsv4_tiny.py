@@ -1,5 +1,5 @@
 """The shipped trained model models/dsv4-tiny: transformers 5.23 loads it and its fp32 logits match ours (the
-format is the real one), its tokenizer carries V4's special tokens (SERVING.md §D.2), and it is the default."""
+format is the real one), its tokenizer carries V4's special tokens (SERVING §D.2), and it is the default."""
 
 import os
 from pathlib import Path
@@ -11,7 +11,7 @@ from flax import nnx
 
 MODEL = Path(os.environ.get("DSV4_TINY_DIR", Path(__file__).resolve().parent.parent / "models" / "dsv4-tiny"))
 pytestmark = pytest.mark.skipif(not (MODEL / "model.safetensors").exists(),
-                                reason=f"{MODEL} is not trained yet (issue #6)")
+                                reason=f"{MODEL} is not trained yet")
 
 # Text the model never saw (the corpus is the Python stdlib; this is our own code), long enough (> 300 tokens)
 # for the HCA layer (ratio 128) to emit compressed rows.
@@ -69,7 +69,7 @@ def test_tokenizer_has_v4_special_tokens_and_the_chat_encoding_round_trips(token
     raw = tokenizer._tokenizer
     assert raw.get_vocab_size() == 8192
     assert [raw.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
-    # A chat prompt as the V4 encoder renders it (§D.2): system text, user turn, generation prompt in chat mode.
+    # A chat prompt as the V4 encoder renders it (SERVING §D.2): system text, user turn, generation prompt in chat mode.
     prompt = ("<｜begin▁of▁sentence｜>You are a helpful assistant.<｜User｜>Write a loop in Python."
               "<｜Assistant｜></think>for i in range(3):\n    print(i)<｜end▁of▁sentence｜>")
     ids = raw.encode(prompt, add_special_tokens=False).ids

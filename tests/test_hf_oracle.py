@@ -35,7 +35,7 @@ def full(model, tokens):
 
 
 def test_hf_config_interpretation(cfg):
-    h = H.hf_config(cfg)  # raises on any mismatch, incl. the §6.2 inv_freq tables
+    h = H.hf_config(cfg)  # raises on any mismatch, incl. the ARCHITECTURE §6.2 inv_freq tables
     assert h.layer_types == ["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention",
                              "compressed_sparse_attention"]
     assert h.mlp_layer_types == ["hash_moe", "moe", "moe", "moe"]

@@ -1,5 +1,5 @@
-"""The MTP module against a direct transcription of ARCHITECTURE §12.1 (with §3 block, §4 mHC, §5 norms,
-§6 RoPE, §7 attention, §8.1 sliding window, §9 MoE) in plain jax.numpy, fp32.
+"""The MTP module against a direct transcription of ARCHITECTURE §12.1 (with ARCHITECTURE §3 block, ARCHITECTURE §4 mHC, ARCHITECTURE §5 norms,
+ARCHITECTURE §6 RoPE, ARCHITECTURE §7 attention, ARCHITECTURE §8.1 sliding window, ARCHITECTURE §9 MoE) in plain jax.numpy, fp32.
 
 The reference reads its parameters out of the nnx model and shares no code with `dsv4jax.model`.
 """
@@ -41,13 +41,13 @@ def softmax(x, axis):
     return e / jnp.sum(e, axis=axis, keepdims=True)
 
 
-def rmsnorm(x, weight=None, eps=CFG.rms_norm_eps):  # §5
+def rmsnorm(x, weight=None, eps=CFG.rms_norm_eps):  # ARCHITECTURE §5
     y = x / jnp.sqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
     return y if weight is None else y * weight
 
 
 def rope(x, pos, theta, inverse=False):
-    """§6.1: rotate the LAST rope_head_dim channels, pairs (2i, 2i+1) as complex numbers, angle pos·θ^(−2i/r)."""
+    """ARCHITECTURE §6.1: rotate the LAST rope_head_dim channels, pairs (2i, 2i+1) as complex numbers, angle pos·θ^(−2i/r)."""
     r = CFG.rope_head_dim
     freqs = jnp.asarray((theta ** (-np.arange(0, r, 2, dtype=np.float64) / r)).astype(np.float32))
     angle = pos[..., None] * freqs * (-1 if inverse else 1)
@@ -58,7 +58,7 @@ def rope(x, pos, theta, inverse=False):
 
 
 def hc_pre(X, fn, scale, base):
-    """§4.2 -> (collapsed input, post, comb)."""
+    """ARCHITECTURE §4.2 -> (collapsed input, post, comb)."""
     n, eps = CFG.hc_mult, CFG.hc_eps
     flat = X.reshape(*X.shape[:-2], -1)
     rho = 1 / jnp.sqrt(jnp.mean(flat ** 2, axis=-1, keepdims=True) + CFG.rms_norm_eps)
@@ -76,12 +76,12 @@ def hc_pre(X, fn, scale, base):
 
 
 def hc_post(f, R, post, comb):
-    """§4.3: X_out[k] = post_k·f + Σ_j comb[j,k]·R_j."""
+    """ARCHITECTURE §4.3: X_out[k] = post_k·f + Σ_j comb[j,k]·R_j."""
     return post[..., None] * f[..., None, :] + jnp.einsum("bsjk,bsjd->bskd", comb, R, precision=HI)
 
 
 def hc_head(X, fn, scale, base):
-    """§4.4."""
+    """ARCHITECTURE §4.4."""
     flat = X.reshape(*X.shape[:-2], -1)
     rho = 1 / jnp.sqrt(jnp.mean(flat ** 2, axis=-1, keepdims=True) + CFG.rms_norm_eps)
     pre = sigmoid(mm(flat, fn) * rho * scale[0] + base) + CFG.hc_eps
@@ -89,7 +89,7 @@ def hc_head(X, fn, scale, base):
 
 
 def window_attention(x, a, pos):
-    """§7 with §8.1's index set: keys max(0, t−w+1)..t, θ = rope_theta without YaRN."""
+    """ARCHITECTURE §7 with ARCHITECTURE §8.1's index set: keys max(0, t−w+1)..t, θ = rope_theta without YaRN."""
     B, S, _ = x.shape
     H, d, G, R, w = CFG.num_attention_heads, CFG.head_dim, CFG.o_groups, CFG.o_lora_rank, CFG.sliding_window
     theta = CFG.rope_theta
@@ -120,7 +120,7 @@ def swiglu(a, b):
 
 
 def score_routed_moe(x, f):
-    """§9, score-routed layer: dense over all experts with zero weight for the unselected ones."""
+    """ARCHITECTURE §9, score-routed layer: dense over all experts with zero weight for the unselected ones."""
     s = jnp.sqrt(jnp.logaddexp(0.0, mm(x, f.gate.weight[...])))  # sqrt(softplus)
     _, idx = jax.lax.top_k(s + f.gate.bias[...], CFG.num_experts_per_tok)  # bias for selection only
     chosen = jnp.take_along_axis(s, idx, axis=-1)
@@ -134,13 +134,13 @@ def score_routed_moe(x, f):
 
 
 def reference_mtp(model, main_streams, next_ids):
-    """§12.1 -> (logits [B,S,V], MTP streams before its hc_head [B,S,n,D]); positions 0..S−1."""
+    """ARCHITECTURE §12.1 -> (logits [B,S,V], MTP streams before its hc_head [B,S,n,D]); positions 0..S−1."""
     mtp = model.mtp[0]
     pos = jnp.arange(next_ids.shape[1], dtype=jnp.float32)
     e = rmsnorm(model.embed.weight[...][next_ids], mtp.enorm.weight[...])
     h = rmsnorm(main_streams, mtp.hnorm.weight[...])  # per stream
     X = mm(e, mtp.e_proj.weight[...])[:, :, None, :] + mm(h, mtp.h_proj.weight[...])
-    # Block (§3)
+    # Block (ARCHITECTURE §3)
     R = X
     x, post, comb = hc_pre(X, mtp.hc_attn.fn[...], mtp.hc_attn.scale[...], mtp.hc_attn.base[...])
     X = hc_post(window_attention(rmsnorm(x, mtp.attn_norm.weight[...]), mtp.attn, pos), R, post, comb)
@@ -180,7 +180,7 @@ def test_mtp_matches_spec_transcription(model_parts):
     logits, mtp_streams, lengths = jit(model_side)(params, main_streams, next_ids)
     ref_logits, ref_streams = jit(reference_side)(params, main_streams, next_ids)
     r_logits, r_streams = rel_l2(logits, ref_logits), rel_l2(mtp_streams, ref_streams)
-    print(f"\n[mtp vs §12.1 transcription] logits rel={r_logits:.2e}, streams rel={r_streams:.2e}")
+    print(f"\n[mtp vs ARCHITECTURE §12.1 transcription] logits rel={r_logits:.2e}, streams rel={r_streams:.2e}")
     assert logits.shape == (BATCH, SEQ, CFG.vocab_size)
     assert r_logits <= TOL and r_streams <= TOL
     np.testing.assert_array_equal(lengths, [SEQ, SEQ])

@@ -98,7 +98,7 @@ def test_fp8_weights(interp):
     sizes, x, _, _, rw = _inputs([0, 45, 0, 30], 256, 128, salt=2)
     w1, s1 = _fp8((4, 128, 256), 3)
     w3, s3 = _fp8((4, 128, 256), 4)
-    # The reference dequantises exactly (§10.2) and multiplies in bf16.
+    # The reference dequantises exactly (ARCHITECTURE §10.2) and multiplies in bf16.
     deq = moe_gmm.dequantize_fp8_blocks(w1, s1)
     assert float(deq[1, 5, 200]) == float(w1[1, 5, 200].astype(jnp.float32)) * 2.0 ** (
         int(jax.lax.bitcast_convert_type(s1[1, 0, 1], jnp.uint8)) - 127)

@@ -1,4 +1,4 @@
-"""Bit-exact tests of dsv4jax.quant against independent formulas (ARCHITECTURE §10.2, §10.3).
+"""Bit-exact tests of dsv4jax.quant against independent formulas (ARCHITECTURE §10.2, ARCHITECTURE §10.3).
 
 The references here decode formats from sign/exponent/mantissa arithmetic and round by brute-force nearest grid point
 (ties to the even code), sharing nothing with the implementation's bit tricks.
@@ -77,7 +77,7 @@ def nearest_on_grid(magnitude: np.ndarray, grid: np.ndarray) -> np.ndarray:
 
 
 def reference_qdq(x: np.ndarray, block: int, grid: np.ndarray, amax_floor: float) -> np.ndarray:
-    """§10.3 literally: s = 2^ceil(log2(max(amax, floor)/max)) in fp32, nearest-even of clamp(x/s), times s."""
+    """ARCHITECTURE §10.3 literally: s = 2^ceil(log2(max(amax, floor)/max)) in fp32, nearest-even of clamp(x/s), times s."""
     format_max = grid[-1]
     values = x.astype(np.float64).reshape(-1, block)
     amax = np.abs(values).max(axis=1).astype(np.float32)
@@ -89,7 +89,7 @@ def reference_qdq(x: np.ndarray, block: int, grid: np.ndarray, amax_floor: float
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# FP8 / FP4 weight dequantisation (§10.2)
+# FP8 / FP4 weight dequantisation (ARCHITECTURE §10.2)
 
 
 def test_dequantize_fp8_all_codes_times_scales():
@@ -224,7 +224,7 @@ def test_quantize_rejects_non_finite_and_odd_width():
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# activation quant-dequant simulations (§10.3)
+# activation quant-dequant simulations (ARCHITECTURE §10.3)
 
 
 def random_activations(rng, rows, cols, dtype):
@@ -296,7 +296,7 @@ def test_qdq_agrees_with_numpy_weight_quantizers():
 
 @pytest.mark.parametrize("format_max", [448.0, 6.0])
 def test_scale_from_division_equals_official_reciprocal_multiply(format_max):
-    """§10.3 says amax/max; the official kernel computes amax·fp32(1/max). Same ceil-log2 for every fp32 mantissa."""
+    """ARCHITECTURE §10.3 says amax/max; the official kernel computes amax·fp32(1/max). Same ceil-log2 for every fp32 mantissa."""
     amax = (np.arange(2**23, dtype=np.uint32) | np.uint32(127 << 23)).view(np.float32)  # all of [1, 2)
     def ceil_log2(y):  # frexp is exact: y = m·2^e, m in [0.5, 1)
         mantissa, exponent = np.frexp(y)
@@ -314,7 +314,7 @@ def test_qdq_rejects_partial_block():
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Hadamard (§8.4)
+# Hadamard (ARCHITECTURE §8.4)
 
 
 def sylvester(n: int) -> np.ndarray:

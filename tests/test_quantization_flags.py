@@ -1,4 +1,4 @@
-"""The §10.3 quantization simulations really act when their config flag is on (and only then)."""
+"""The ARCHITECTURE §10.3 quantization simulations really act when their config flag is on (and only then)."""
 
 import functools
 

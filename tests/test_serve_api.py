@@ -1,5 +1,5 @@
 """`python -m dsv4jax.serve` end to end: the real engine on the random-weight model, started once for this module on
-127.0.0.1 (a free port), driven by the official `openai` package and raw HTTP (issue #5 acceptance)."""
+127.0.0.1 (a free port), driven by the official `openai` package and raw HTTP."""
 
 from __future__ import annotations
 
@@ -119,7 +119,7 @@ def test_models_health_and_tokenize(server, model_name):
     tokens = httpx2.post(server + "/tokenize", json={"prompt": "Hi there"}).json()
     assert tokens["tokens"][0] == 0 and tokens["count"] == len("Hi there") + 1  # BOS + bytes
     assert httpx2.post(server + "/detokenize", json={"tokens": tokens["tokens"]}).json()["prompt"] == "Hi there"
-    # The chat encoding of SERVING.md §D.2: the generation prompt ends in </think> (chat) or <think> (thinking).
+    # The chat encoding of SERVING §D.2: the generation prompt ends in </think> (chat) or <think> (thinking).
     chat = {"messages": [{"role": "user", "content": "Hi"}]}
     plain = httpx2.post(server + "/tokenize", json=chat).json()["tokens"]
     thinking = httpx2.post(server + "/tokenize",

@@ -1,4 +1,4 @@
-"""The V4 chat encoding and the output parsers of the server (SERVING.md §D.2, §D.3 item 1); no model needed."""
+"""The V4 chat encoding and the output parsers of the server (SERVING §D.2, SERVING §D.3 item 1); no model needed."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def test_generation_prompt_follows_the_thinking_toggle():
     messages = [{"role": "user", "content": "hi"}]
     assert encode_messages(messages) == f"{USER}hi{ASSISTANT}{THINK_END}"
     assert encode_messages(messages, thinking=True) == f"{USER}hi{ASSISTANT}{THINK_START}"
-    # "max" prepends the fixed preamble; "high" renders as no effort (§D.2).
+    # "max" prepends the fixed preamble; "high" renders as no effort (SERVING §D.2).
     assert encode_messages(messages, thinking=True, reasoning_effort="max").startswith("Reasoning Effort: Absolute")
     assert encode_messages(messages, thinking=True, reasoning_effort="high") == \
         encode_messages(messages, thinking=True)
@@ -131,7 +131,7 @@ def test_streaming_parse_equals_whole_parse(text, thinking):
 
 
 def test_tolerant_parsing():
-    # The malformed wrapper some V4 outputs carry (§D.3 item 1), and a parameter without string="...".
+    # The malformed wrapper some V4 outputs carry (SERVING §D.3 item 1), and a parameter without string="...".
     sloppy = (f'<{DSML}toolcalls><{DSML}invoke name="f"><{DSML}parameter name="n">42</{DSML}parameter>'
               f'<{DSML}parameter name="s">hello</{DSML}parameter></{DSML}invoke></{DSML}toolcalls>')
     message = parse_output(sloppy, thinking=False, parse_tools=True)

@@ -1,4 +1,4 @@
-"""Named-mesh parallelism (issue #3) on 8 fake CPU devices, fp32: every mesh gives the single-device results.
+"""Named-mesh parallelism on 8 fake CPU devices, fp32: every mesh gives the single-device results.
 
 For each mesh: a batch of 3 sequences (lengths not divisible by the CP size) is prefilled in one CP chunk,
 continued by a second CP chunk on top of the cached prefix (chunked prefill under CP), then decoded for 8
@@ -42,7 +42,7 @@ MESHES = {
     "ep8": ("ep=8", {}),
     "dp2-cp2-ep2": ("dp=2,cp=2,ep=2", {}),
     "cp2-tp2-ep2": ("cp=2,tp=2,ep=2", {}),
-    # MoE all-to-all mode (§3.2): the dense all_to_all exchange on CPU (ragged_all_to_all is GPU-only)
+    # MoE all-to-all mode (PARALLELISM §3.2): the dense all_to_all exchange on CPU (ragged_all_to_all is GPU-only)
     "dp2-cp2-ep2-all-to-all": ("dp=2,cp=2,ep=2", {"moe_mode": "all_to_all"}),
 }
 
@@ -116,7 +116,7 @@ def test_mesh_matches_single_device(reference, name):
 
 
 def test_mtp_prefill_under_cp_matches_single_device(reference):
-    """§5: the MTP module's prefill pass is split over cp and gathered like the main model's."""
+    """PARALLELISM §5: the MTP module's prefill pass is split over cp and gathered like the main model's."""
     ref = reference
     mesh, device_mesh = mesh_of("cp=4", cp_mode="zigzag")
     runner = ModelRunner(ref["graphdef"], mesh, device_mesh.devices.flat, compiler_options=JIT_OPTIONS)

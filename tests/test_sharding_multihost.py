@@ -1,4 +1,4 @@
-"""Multi-host (issue #3 item 6): two processes × 4 CPU devices joined by `jax.distributed` on 127.0.0.1 (gloo)
+"""Multi-host: two processes × 4 CPU devices joined by `jax.distributed` on 127.0.0.1 (gloo)
 give the same CP prefill logits as one process with 8 devices (`dsv4jax/sharding/multihost.py` shows the command)."""
 
 import os

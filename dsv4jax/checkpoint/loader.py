@@ -1,7 +1,7 @@
-"""Load official or HF-named DeepSeek-V4 safetensors into the NNX model, shard by shard (ARCHITECTURE §10, §13).
+"""Load official or HF-named DeepSeek-V4 safetensors into the NNX model, shard by shard (ARCHITECTURE §10, ARCHITECTURE §13).
 
 FP8 weights (e4m3 + 128×128 UE8M0 scales) and packed FP4 experts (e2m1 + 1×32 UE8M0 scales) are dequantised
-exactly (§10.2) and stored in the model dtype (both formats are exact in bf16); fp32 tensors stay fp32.
+exactly (ARCHITECTURE §10.2) and stored in the model dtype (both formats are exact in bf16); fp32 tensors stay fp32.
 Missing, unexpected, misshapen or truncated tensors raise `CheckpointError` naming the tensor.
 """
 

@@ -1,4 +1,4 @@
-"""Reading and writing safetensors files with every dtype a DeepSeek-V4 checkpoint holds (ARCHITECTURE §10.1, §13).
+"""Reading and writing safetensors files with every dtype a DeepSeek-V4 checkpoint holds (ARCHITECTURE §10.1, ARCHITECTURE §13).
 
 What the `safetensors` library (0.8.0) does with numpy here:
   * `safetensors.numpy.save_file` writes every dtype we need, ml_dtypes ones included (F8_E4M3, F8_E8M0, BF16), with
@@ -264,7 +264,7 @@ def dtype_name(array: np.ndarray) -> str:
 
 
 def read_index(directory: str | os.PathLike) -> dict[str, str]:
-    """Tensor name -> file name (relative to `directory`) of a checkpoint directory (§13).
+    """Tensor name -> file name (relative to `directory`) of a checkpoint directory (ARCHITECTURE §13).
 
     Uses `model.safetensors.index.json`'s "weight_map" when present (and checks that every shard it names exists);
     otherwise lists the tensors of every `*.safetensors` file in the directory (usually one `model.safetensors`).

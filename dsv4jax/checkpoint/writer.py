@@ -1,6 +1,6 @@
 """Write a model as an official-format checkpoint (ARCHITECTURE §13): config.json + safetensors.
 
-With `quantize=True` the FP8 linears of §10.1 are stored as e4m3 + 128×128 UE8M0 scales and routed experts as
+With `quantize=True` the FP8 linears of ARCHITECTURE §10.1 are stored as e4m3 + 128×128 UE8M0 scales and routed experts as
 packed FP4 + 1×32 scales, like the released checkpoints; otherwise every tensor keeps its dtype.
 """
 
@@ -19,10 +19,10 @@ from dsv4jax.checkpoint.names import official_names, path_key
 from dsv4jax.checkpoint.safetensors_io import save_file
 from dsv4jax.config import save_config
 
-# §10.1: the FP8 linears (everything else is bf16/fp32, the routed experts FP4).
+# ARCHITECTURE §10.1: the FP8 linears (everything else is bf16/fp32, the routed experts FP4).
 FP8_LINEAR = re.compile(r"\.(attn\.(wq_a|wq_b|wkv|wo_a|wo_b)|indexer\.wq_b|shared_experts\.w[123]|e_proj|h_proj)\.weight$")
 ROUTED_EXPERT = re.compile(r"\.ffn\.experts\.\d+\.w[123]\.weight$")
-# §10.1: these stay fp32 on disk; the rest of the unquantised tensors are bf16.
+# ARCHITECTURE §10.1: these stay fp32 on disk; the rest of the unquantised tensors are bf16.
 FP32_TENSOR = re.compile(r"(hc_(attn|ffn|head)_(fn|base|scale)|attn_sink|\.ape|gate\.bias)$")
 
 

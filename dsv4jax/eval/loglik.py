@@ -1,4 +1,4 @@
-"""Log-likelihood of continuations given contexts, the quantity lm-evaluation-harness asks for (SERVING.md §E).
+"""Log-likelihood of continuations given contexts, the quantity lm-evaluation-harness asks for (SERVING §E).
 
 Pairs are sorted into length buckets and run in fixed-size batches with right padding: every batch of a bucket
 has the same shape, so each bucket compiles once, and padding rows and tokens never change a real result (the

@@ -1,5 +1,5 @@
 """The V4 attention layer: q-LoRA, one shared K=V head, sink, inverse RoPE, grouped output (ARCHITECTURE §7)
-over the window and, for CSA/HCA layers, compressed rows (§8)."""
+over the window and, for CSA/HCA layers, compressed rows (ARCHITECTURE §8)."""
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +25,7 @@ class Attention(nnx.Module):
         self.groups, self.window, self.eps = c.o_groups, c.sliding_window, c.rms_norm_eps
         self.ratio = c.compress_ratio(layer)
         self.config = c
-        # §10.3 item 2: FP8 simulation of the non-RoPE channels of raw K=V and compressed rows.
+        # ARCHITECTURE §10.3 item 2: FP8 simulation of the non-RoPE channels of raw K=V and compressed rows.
         self.kv_quantization = "fp8" if c.simulate_fp8_kv else None
         fp8_act = c.simulate_fp8_activations
         heads_dim = c.num_attention_heads * c.head_dim
@@ -59,7 +59,7 @@ class Attention(nnx.Module):
 
         q_latent = self.q_norm(self.wq_a(x))
         q = self.wq_b(q_latent).reshape(batch, local, self.num_heads, self.head_dim)
-        q = rms_normalize(q, self.eps).astype(x.dtype)  # §5: per-head, unweighted
+        q = rms_normalize(q, self.eps).astype(x.dtype)  # ARCHITECTURE §5: per-head, unweighted
         q = apply_rope(q, positions[..., None], freqs)
         kv = apply_rope(self.kv_norm(self.wkv(x)), positions, freqs)
         kv = layout.gather_chunk(simulate_quantization(kv, self.kv_quantization, self.rope_dim))
@@ -91,7 +91,7 @@ class Attention(nnx.Module):
                 else:
                     buffers.append(row_view(compressor.rows))
                     indices.append(jnp.where(rows >= 0, rows + offset, -1))
-            else:  # HCA attends every visible row (§8.3)
+            else:  # HCA attends every visible row (ARCHITECTURE §8.3)
                 compressed_rows = row_view(compressor.rows)
                 num_rows = compressed_rows.shape[1]
                 rows = jnp.broadcast_to(jnp.arange(num_rows), (batch, local, num_rows))
@@ -102,7 +102,7 @@ class Attention(nnx.Module):
                                self.attn_sink[...], self.head_dim ** -0.5, implementation=layout.kernels)
 
         with jax.named_scope("output"):
-            out = apply_rope(out, positions[..., None], freqs, inverse=True)  # §6.3
+            out = apply_rope(out, positions[..., None], freqs, inverse=True)  # ARCHITECTURE §6.3
             out = self._grouped_output(out)
 
         end = (start + num_new)[:, None]
@@ -118,7 +118,7 @@ class Attention(nnx.Module):
         return jnp.where(key_positions >= 0, index, -1).astype(jnp.int32)
 
     def _grouped_output(self, out: jax.Array) -> jax.Array:
-        """§7: heads g·H/G … (g+1)·H/G−1 form group g; per-group wo_a, then wo_b over all groups."""
+        """ARCHITECTURE §7: heads g·H/G … (g+1)·H/G−1 form group g; per-group wo_a, then wo_b over all groups."""
         batch, chunk = out.shape[:2]
         grouped = out.reshape(batch, chunk, self.groups, -1)
         wo_a = self.wo_a.weight[...].reshape(self.groups, -1, grouped.shape[-1])

@@ -1,4 +1,4 @@
-"""Gated softmax pooling of every m tokens into one compressed K=V row (ARCHITECTURE §8.2, state §11).
+"""Gated softmax pooling of every m tokens into one compressed K=V row (ARCHITECTURE §8.2, state ARCHITECTURE §11).
 
 CSA (m=4) overlaps windows: row j pools the A-halves of window j−1 and the B-halves of window j over 2m
 slots; HCA (m=128) pools window j alone. The indexer has its own compressor (d_c = index_head_dim).
@@ -27,7 +27,7 @@ def _batch_scatter(buffer: jax.Array, index: jax.Array, values: jax.Array) -> ja
 
 
 def simulate_quantization(x: jax.Array, kind: str | None, rope_dim: int = 64) -> jax.Array:
-    """§10.3 QAT simulations: "fp8" on the non-RoPE channels of K=V rows (block 64), "fp4" on indexer
+    """ARCHITECTURE §10.3 QAT simulations: "fp8" on the non-RoPE channels of K=V rows (block 64), "fp4" on indexer
     vectors after the orthonormal Hadamard transform (block 32); None leaves x unchanged."""
     from dsv4jax.quant import fp4_qdq, fp8_qdq, hadamard
 
@@ -53,7 +53,7 @@ class Compressor(nnx.Module):
         self.wgate = nnx.Param(fan_in_normal(rngs, (coff * dim, hidden), dtype), axes=("compress_dim", "embed"))
         self.ape = nnx.Param(normal(rngs, (ratio, coff * dim), 0.5, jnp.float32), axes=(None, "compress_dim"))
         self.norm = RMSNorm(dim, norm_eps, axis_name="compress_row")
-        # Applied to each emitted row after norm and RoPE (§8.2): "fp8" (KV simulation) or "fp4" (indexer).
+        # Applied to each emitted row after norm and RoPE (ARCHITECTURE §8.2): "fp8" (KV simulation) or "fp4" (indexer).
         self.row_transform = row_transform
 
     def project(self, x: jax.Array, positions: jax.Array) -> jax.Array:
@@ -98,7 +98,7 @@ class Compressor(nnx.Module):
         weights = jax.nn.softmax(slot_gate, axis=2)
         pooled = jnp.sum(weights * slot_kv, axis=2)  # [B, C, d_c] fp32
 
-        # §8.2 post-processing, in this order: cast, RMSNorm, RoPE at the row's first position, transform.
+        # ARCHITECTURE §8.2 post-processing, in this order: cast, RMSNorm, RoPE at the row's first position, transform.
         new_rows = self.norm(pooled.astype(state.rows.dtype))
         new_rows = apply_rope(new_rows, rows * m, frequencies)
         new_rows = simulate_quantization(new_rows, self.row_transform, self.rope_dim)

@@ -1,4 +1,4 @@
-"""Linear layers in checkpoint layout ([out, in]), the embedding, and the fp32 matmul used by §2's fp32 math."""
+"""Linear layers in checkpoint layout ([out, in]), the embedding, and the fp32 matmul used by ARCHITECTURE §2's fp32 math."""
 
 import jax
 import jax.numpy as jnp

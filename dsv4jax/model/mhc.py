@@ -1,6 +1,6 @@
 """Manifold-constrained hyper-connections: n residual streams mixed per sub-layer (ARCHITECTURE §4).
 
-All mixing math is fp32 (§2). A block keeps X of shape [B, S, n, D]; `HyperConnection.pre` collapses it to
+All mixing math is fp32 (ARCHITECTURE §2). A block keeps X of shape [B, S, n, D]; `HyperConnection.pre` collapses it to
 the sub-layer input and returns the mixing coefficients that `post` uses to expand the output again.
 """
 
@@ -14,7 +14,7 @@ from dsv4jax.model.norm import inverse_rms
 
 
 def sinkhorn(logits: jax.Array, iters: int, eps: float) -> jax.Array:
-    """§4.2: row softmax (+eps), column normalisation, then (iters-1) × (row, column) normalisations."""
+    """ARCHITECTURE §4.2: row softmax (+eps), column normalisation, then (iters-1) × (row, column) normalisations."""
     c = jax.nn.softmax(logits, axis=-1) + eps
     c = c / (jnp.sum(c, axis=-2, keepdims=True) + eps)
     # Unrolled, not a lax loop: on a GPU each XLA while-loop iteration waits for the host. Batch-1 decode of
@@ -29,7 +29,7 @@ def sinkhorn(logits: jax.Array, iters: int, eps: float) -> jax.Array:
 
 
 def stream_mixes(streams: jax.Array, fn: jax.Array, norm_eps: float) -> jax.Array:
-    """(x̃ @ fnᵀ)·ρ with x̃ the flattened streams and ρ its inverse RMS, in fp32 (§4.2, eps = rms_norm_eps).
+    """(x̃ @ fnᵀ)·ρ with x̃ the flattened streams and ρ its inverse RMS, in fp32 (ARCHITECTURE §4.2, eps = rms_norm_eps).
 
     In the spec's order: ρ scales the 24 mixes, not the n·D inputs, so no normalised fp32 copy of the streams is
     materialised (the profile put mHC at 19% of a prefill's device time)."""
@@ -44,7 +44,7 @@ def collapse(streams: jax.Array, weights: jax.Array, dtype) -> jax.Array:
 
 
 class HyperConnection(nnx.Module):
-    """Parameters `hc_{attn,ffn}_{fn,base,scale}` of one sub-layer (§4.1)."""
+    """Parameters `hc_{attn,ffn}_{fn,base,scale}` of one sub-layer (ARCHITECTURE §4.1)."""
 
     def __init__(self, hc_mult: int, hidden: int, sinkhorn_iters: int, hc_eps: float, norm_eps: float,
                  rngs: nnx.Rngs):
@@ -68,7 +68,7 @@ class HyperConnection(nnx.Module):
 
     @staticmethod
     def post(output: jax.Array, residual: jax.Array, post: jax.Array, comb: jax.Array) -> jax.Array:
-        """§4.3: X_out[k] = post_k·f + Σ_j comb[j,k]·R_j (fp32), cast to the residual dtype."""
+        """ARCHITECTURE §4.3: X_out[k] = post_k·f + Σ_j comb[j,k]·R_j (fp32), cast to the residual dtype."""
         # A multiply-sum over the 4 streams (one fusion), not an einsum: XLA ran that as a GEMM with K=4 at
         # HIGHEST precision, 0.46 against 0.12 ms at 4096 tokens on the H100 (kernel-limits-h100-80gb-hbm3-mhc.json).
         mixed = jnp.sum(comb[..., None] * residual.astype(jnp.float32)[..., :, None, :], axis=-3)
@@ -76,7 +76,7 @@ class HyperConnection(nnx.Module):
 
 
 class HyperConnectionHead(nnx.Module):
-    """Final collapse `hc_head_{fn,base,scale}` (§4.4): no Sinkhorn, no post/comb."""
+    """Final collapse `hc_head_{fn,base,scale}` (ARCHITECTURE §4.4): no Sinkhorn, no post/comb."""
 
     def __init__(self, hc_mult: int, hidden: int, hc_eps: float, norm_eps: float, rngs: nnx.Rngs):
         self.hc_eps, self.norm_eps = hc_eps, norm_eps

@@ -4,7 +4,7 @@ shared experts, fp32 accumulation (ARCHITECTURE §9).
 `MoE.__call__` is the one composition (gate -> routed experts -> shared expert) for every placement. Where the
 tokens and experts of a call live enters as `Collectives`, collective functions over arrays handed in by the token
 layout: the identity on one device (this module), the gather and all-to-all modes under a mesh
-(dsv4jax/sharding/moe.py, PARALLELISM §3, §4). Which experts a device computes is an `ExpertPlacement`.
+(dsv4jax/sharding/moe.py, PARALLELISM §3, PARALLELISM §4). Which experts a device computes is an `ExpertPlacement`.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class Gate(nnx.Module):
         self.weight = nnx.Param(fan_in_normal(rngs, (c.n_routed_experts, c.hidden_size), dtype),
                                 axes=("router", "embed"))
         if self.hash_routing:
-            # Distinct experts per token (§9 last note); a random permutation's first k entries.
+            # Distinct experts per token (ARCHITECTURE §9 last note); a random permutation's first k entries.
             generator = host_generator(rngs)
             if generator is None:  # under jit: draw on the device
                 noise = jax.random.uniform(rngs.params(), (c.vocab_size, c.n_routed_experts))

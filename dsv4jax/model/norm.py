@@ -17,7 +17,7 @@ def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    # §5: the fp32 weight multiplies the fp32 normalised x before the single cast back.
+    # ARCHITECTURE §5: the fp32 weight multiplies the fp32 normalised x before the single cast back.
     return (weight.astype(jnp.float32) * rms_normalize(x, eps)).astype(x.dtype)
 
 

@@ -12,7 +12,7 @@ from dsv4jax.config import ModelConfig
 def rope_frequencies(config: ModelConfig, compress_ratio: int) -> np.ndarray:
     """Per-pair angular frequencies [rope_head_dim/2] (fp32) for a layer of the given compress ratio.
 
-    §6.2: sliding layers use plain RoPE with rope_theta; CSA/HCA layers use compress_rope_theta with YaRN.
+    ARCHITECTURE §6.2: sliding layers use plain RoPE with rope_theta; CSA/HCA layers use compress_rope_theta with YaRN.
     """
     rope_dim = config.rope_head_dim
     if compress_ratio == 0:
@@ -40,7 +40,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, frequencies: np.ndarray, inve
     """Rotate the LAST len(frequencies)*2 channels of x by angle position·freq, pairs (2i, 2i+1) interleaved.
 
     x: [..., S, (heads,) dim]; positions: broadcastable to x.shape[:-1] after adding a heads axis is the
-    caller's job. Rotation in fp32, result in x's dtype (§6.1). `inverse` uses the conjugate angle (§6.3).
+    caller's job. Rotation in fp32, result in x's dtype (ARCHITECTURE §6.1). `inverse` uses the conjugate angle (ARCHITECTURE §6.3).
     """
     rope_dim = 2 * frequencies.shape[0]
     angle = positions.astype(jnp.float32)[..., None] * jnp.asarray(frequencies)

@@ -5,7 +5,7 @@ prefill, one-token decode and speculative verify:
 - the raw K=V window is a ring of at least `sliding_window` slots, position p in slot p mod ring;
 - a compressor keeps the fp32 projections (kv and gate + ape) of its last positions in a ring of at least
   coff·m slots (position p in slot p mod ring): the partial window, and for CSA also the previous complete
-  window whose A-halves the next row needs (§8.2, §11);
+  window whose A-halves the next row needs (ARCHITECTURE §8.2, ARCHITECTURE §11);
 - emitted compressed rows (main and indexer) live at row j of a buffer: dense per sequence, or `PagedRows`
   (a page pool shared by all sequences and a page table per sequence, for the serving engine).
 Which slots hold real data follows from `lengths` alone, so fresh state needs no sentinel values.

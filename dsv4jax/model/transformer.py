@@ -33,7 +33,7 @@ class DeepseekV4(nnx.Module):
         """Run a chunk of tokens ids [B,S] at positions state.lengths + 0..S−1 (num_new [B] of them real).
 
         Returns (hidden [B,S,D] after the final norm, streams [B,S,n,D] before the hyper-connection head —
-        what the MTP module consumes, §12.1 — and the updated state). Under context parallelism `ids` are the
+        what the MTP module consumes, ARCHITECTURE §12.1 — and the updated state). Under context parallelism `ids` are the
         local tokens (`layout`); the streams are gathered back to the whole chunk after the last block.
         """
         batch, local = ids.shape
@@ -54,13 +54,13 @@ class DeepseekV4(nnx.Module):
         return hidden, streams, DecodeState(lengths=start + num_new, layers=tuple(layer_states))
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        """fp32 logits from final hidden states (§3: head weight upcast to fp32)."""
+        """fp32 logits from final hidden states (ARCHITECTURE §3: head weight upcast to fp32)."""
         with jax.named_scope("logits"):
             return matmul_fp32(hidden, self.head[...])
 
     def mtp_forward(self, streams: jax.Array, next_ids: jax.Array, state: DecodeState,
                     num_new: jax.Array | None = None, layout: TokenLayout = IDENTITY):
-        """The MTP module on main-model streams [B,S,n,D] paired with the next tokens [B,S] (§12.1).
+        """The MTP module on main-model streams [B,S,n,D] paired with the next tokens [B,S] (ARCHITECTURE §12.1).
 
         Returns (hidden after the MTP norm, MTP streams, MTP state); `logits(hidden)` predicts token t+2.
         """

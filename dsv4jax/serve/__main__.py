@@ -1,4 +1,4 @@
-"""`python -m dsv4jax.serve`: the OpenAI-compatible server (issue #5; SERVING.md §D).
+"""`python -m dsv4jax.serve`: the OpenAI-compatible server (SERVING §D).
 
     python -m dsv4jax.serve                       # the repository's default model on 127.0.0.1:8000
     python -m dsv4jax.serve --model DIR --max-model-len 8192 --max-running-requests 16 --speculative-steps 1
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--decode-buckets", default=None, help="decode batch sizes to compile, comma-separated "
                         "(default: powers of two up to --max-running-requests)")
     parser.add_argument("--default-chat-template-kwargs", default=None,
-                        help='chat defaults as JSON, e.g. \'{"thinking": true}\' (SERVING.md §D.2)')
+                        help='chat defaults as JSON, e.g. \'{"thinking": true}\' (SERVING §D.2)')
     compilation_cache.add_argument(parser)
     parser.add_argument("--no-warmup", action="store_true", help="skip compiling every shape before serving")
     parser.add_argument("--host", default="127.0.0.1")

@@ -1,7 +1,7 @@
-"""The OpenAI-compatible HTTP API over the engine (SERVING.md §D.1), as an ASGI app.
+"""The OpenAI-compatible HTTP API over the engine (SERVING §D.1), as an ASGI app.
 
 Endpoints: POST /v1/completions (text, token ids, batches; echo with prompt logprobs for lm-evaluation-harness's
-`local-completions`, §E), POST /v1/chat/completions (the V4 encoding of §D.2: thinking toggle, reasoning split,
+`local-completions`, SERVING §E), POST /v1/chat/completions (the V4 encoding of SERVING §D.2: thinking toggle, reasoning split,
 DSML tool calls), both streamed as SSE when asked (ending in a usage chunk with `stream_options.include_usage`, then
 `[DONE]`); GET /v1/models, /health, /metrics, /server_info; POST /tokenize, /detokenize.
 
@@ -118,7 +118,7 @@ def _check_room(state: ServerState, prompt_len: int, max_tokens: int, where: str
 
 def _sampling(state: ServerState, req, *, max_tokens: int, seed_offset: int, logprobs: int | None,
               prompt_logprobs: int | None):
-    """Request fields -> the engine's SamplingParams (SERVING.md §D.1 defaults: temperature 1, top_p 1), validated."""
+    """Request fields -> the engine's SamplingParams (SERVING §D.1 defaults: temperature 1, top_p 1), validated."""
     from dsv4jax.serve.sampling import SamplingError, SamplingParams
 
     params = SamplingParams(
@@ -452,7 +452,7 @@ async def completions(request: Request) -> Response:
 
 
 def _render_chat(state: ServerState, req) -> tuple[list[int], bool]:
-    """A chat request -> (prompt ids, thinking on?) by the V4 encoding (SERVING.md §D.2)."""
+    """A chat request -> (prompt ids, thinking on?) by the V4 encoding (SERVING §D.2)."""
     kwargs = req.chat_template_kwargs.model_dump(exclude_none=True) if req.chat_template_kwargs else None
     thinking, effort = chat.resolve_thinking(kwargs, req.reasoning_effort,
                                              req.thinking.type if req.thinking else None, state.default_thinking)

@@ -1,6 +1,6 @@
 """The engine behind asyncio: `Engine.step()` runs in one background thread (the engine is single-threaded), each
 request's outputs reach its handler through its own asyncio queue, and a handler that stops listening (client
-gone) aborts its request so its pages come back (SERVING.md §D.1 "abort on client disconnect")."""
+gone) aborts its request so its pages come back (SERVING §D.1 "abort on client disconnect")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""DeepSeek-V4 chat encoding and output parsing (SERVING.md §D.2).
+"""DeepSeek-V4 chat encoding and output parsing (SERVING §D.2).
 
 V4 ships no Jinja template: the prompt is rendered by rules (the model repository's `encoding_dsv4.py`), which
 this module follows — BOS, `<｜User｜>` turns, `<｜Assistant｜>` + `<think>` (thinking) or `</think>` (chat) as
@@ -7,7 +7,7 @@ tool schemas as a "## Tools" section of the system message, DSML tool calls, ear
 some message carries tools.
 
 The output side is one incremental parser (`OutputParser`) used for streaming and non-streaming alike, so both
-give the same `reasoning_content` / `content` / `tool_calls`. It is tolerant (SERVING.md §D.3 item 1): DSML markup
+give the same `reasoning_content` / `content` / `tool_calls`. It is tolerant (SERVING §D.3 item 1): DSML markup
 never leaks into `content`, a `<｜DSML｜toolcalls>` wrapper is accepted, and a truncated call still closes its
 JSON arguments.
 """
@@ -29,7 +29,7 @@ DSML = "｜DSML｜"
 # Special tokens the parser needs to see in the output text; every other special token is dropped on decode.
 STRUCTURAL_TOKENS = (THINK_START, THINK_END, DSML)
 
-# Fixed preamble of reasoning_effort="max" (the V4 encoder; "high" renders like no effort at all, §D.2).
+# Fixed preamble of reasoning_effort="max" (the V4 encoder; "high" renders like no effort at all, SERVING §D.2).
 REASONING_EFFORT_MAX_PREAMBLE = (
     "Reasoning Effort: Absolute maximum with no shortcuts permitted.\n"
     "You MUST be very thorough in your thinking and comprehensively decompose the problem to resolve the root "
@@ -77,7 +77,7 @@ def _json(value) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Thinking toggle (§D.2 "Compatible choice"): chat_template_kwargs.{thinking, reasoning_effort}, top-level
+# Thinking toggle (SERVING §D.2 "Compatible choice"): chat_template_kwargs.{thinking, reasoning_effort}, top-level
 # reasoning_effort and DeepSeek's thinking.type all work; with none of them the server default (non-thinking, as
 # vLLM and SGLang) applies.
 
@@ -174,7 +174,7 @@ def _last_user_index(messages: list[dict]) -> int:
 
 
 def _drop_earlier_thinking(messages: list[dict]) -> list[dict]:
-    """Before the last user turn: assistants lose their reasoning and developer messages go (§D.2)."""
+    """Before the last user turn: assistants lose their reasoning and developer messages go (SERVING §D.2)."""
     last_user = _last_user_index(messages)
     kept = []
     for i, message in enumerate(messages):
@@ -201,7 +201,7 @@ def encode_messages(messages: list[dict], *, thinking: bool = False, reasoning_e
         messages[0]["response_format"] = response_format
     messages = _merge_tool_messages(messages)
     _sort_tool_results(messages)
-    # Reasoning is kept across turns whenever any message carries tools (interleaved thinking, §D.2).
+    # Reasoning is kept across turns whenever any message carries tools (interleaved thinking, SERVING §D.2).
     drop = drop_thinking and not any(m.get("tools") for m in messages)
     if thinking and drop:
         messages = _drop_earlier_thinking(messages)

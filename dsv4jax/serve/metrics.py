@@ -1,4 +1,4 @@
-"""Prometheus metrics of the server (SERVING.md §D.1: vLLM/SGLang-style running/waiting requests, cache use, TTFT
+"""Prometheus metrics of the server (SERVING §D.1: vLLM/SGLang-style running/waiting requests, cache use, TTFT
 and inter-token histograms, speculative acceptance). One registry per server, so tests can run several."""
 
 from __future__ import annotations

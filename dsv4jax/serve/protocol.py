@@ -1,4 +1,4 @@
-"""Request bodies of the OpenAI-compatible API (SERVING.md §D.1) and the OpenAI-style errors they produce.
+"""Request bodies of the OpenAI-compatible API (SERVING §D.1) and the OpenAI-style errors they produce.
 
 Validation is strict: a wrong type, an out-of-range value or an unknown field is a 400 naming the field, never a
 silent coercion, and nothing reaches the engine until the whole request is valid. Fields that only describe the
@@ -45,7 +45,7 @@ class StreamOptions(_Strict):
 
 
 class _Sampling(_Strict):
-    """Fields shared by both endpoints (SERVING.md §D.1: the OpenAI set plus the usual extra_body extras)."""
+    """Fields shared by both endpoints (SERVING §D.1: the OpenAI set plus the usual extra_body extras)."""
 
     model: StrictStr | None = None
     n: Annotated[StrictInt, Field(ge=1, le=MAX_N)] = 1

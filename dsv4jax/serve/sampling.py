@@ -1,4 +1,4 @@
-"""Sampling parameters of a request (SERVING.md §D.1) and the jittable logits processing and sampling.
+"""Sampling parameters of a request (SERVING §D.1) and the jittable logits processing and sampling.
 
 Every request carries its own parameters; a batch holds them as per-row arrays (`SamplingRows`), so one
 compiled step serves any mix of greedy and sampled requests. Randomness is a pure function of (seed, position,

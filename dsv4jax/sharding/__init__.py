@@ -4,8 +4,8 @@ One concept per file:
 - `mesh`: the `dp, cp, tp, ep` mesh from a spec string, with its checks;
 - `rules`: the one table of logical axis -> mesh axes (parameters, caches, activations);
 - `params`: sharded initialisation and sharded checkpoint loading, per-device bytes;
-- `context`: context-parallel token splits (round-robin, zigzag) and their gathers (§1);
-- `moe`: the MoE collectives under CP/DP (gather + reduce-scatter, all-to-all) (§3, §4);
+- `context`: context-parallel token splits (round-robin, zigzag) and their gathers (PARALLELISM §1);
+- `moe`: the MoE collectives under CP/DP (gather + reduce-scatter, all-to-all) (PARALLELISM §3, PARALLELISM §4);
 - `layout`: the `TokenLayout` the model sees inside `shard_map` (split + MoE collective);
 - `data`: host-side padding of a batch to the mesh;
 - `multihost`: `jax.distributed` start-up for several processes.

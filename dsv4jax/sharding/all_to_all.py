@@ -4,7 +4,7 @@ pair travels to the device owning the expert, is computed there, and its weighte
 The expert group is the mesh axes splitting the routed-expert axis (cp × ep). Where tokens are replicated over
 one of those axes (ep; cp during decode), the replicas first split the tokens between them so each token is
 dispatched once, and all-gather the outputs afterwards (as SGLang does across attention-TP ranks before DeepEP,
-§4 "SGLANG_DSV4_FIX_TP_ATTN_A2A_SCATTER"). Intermediate-axis (tp) shards each compute a partial for the rows
+PARALLELISM §4 "SGLANG_DSV4_FIX_TP_ATTN_A2A_SCATTER"). Intermediate-axis (tp) shards each compute a partial for the rows
 they receive, summed by a `psum` at the end. The shared expert, whose intermediate axis is split over every MoE
 axis, goes through the gather path. The MoE composes these steps (`dsv4jax.model.moe.MoE`); they are array functions
 here, wired up by `dsv4jax.sharding.moe.MoECollective`, and the routed experts arrive as a `compute` function.

@@ -3,14 +3,14 @@
 chunk is split the same way along S; S is padded to a multiple of C (round-robin) or 2C (zigzag) first
 (`data.pad_chunk`), pad tokens sit past `num_new` and never reach a cache.
 
-- round-robin (§1.1): chunk offset g is on rank g mod C; rank r holds r, r+C, r+2C, ….
-- zigzag (§1.2): 2C blocks of S/2C tokens; rank r holds block r then block 2C−1−r (causal work balanced).
+- round-robin (PARALLELISM §1.1): chunk offset g is on rank g mod C; rank r holds r, r+C, r+2C, ….
+- zigzag (PARALLELISM §1.2): 2C blocks of S/2C tokens; rank r holds block r then block 2C−1−r (causal work balanced).
 
 Per-token metadata is a function of the absolute position only, so each rank needs nothing but the positions of
 its tokens: `start + offset` gives the causal length (pos+1), the window (pos−w+1..pos), the visible CSA rows
 ⌊(pos+1)/4⌋ (the indexer's mask) and HCA rows ⌊(pos+1)/128⌋. The per-token K=V, compressor inputs and indexer
 keys are all-gathered over cp (rank-major) and re-ordered to token order (`gather`), so every rank writes the
-complete caches; local queries attend them (§1.1 "KV is replicated").
+complete caches; local queries attend them (PARALLELISM §1.1 "KV is replicated").
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ ROUND_ROBIN, ZIGZAG = "round_robin", "zigzag"
 
 
 def alignment(mode: str, size: int) -> int:
-    """Chunk lengths split over `size` cp ranks are multiples of this: C for round-robin, 2C for zigzag (§1.1,
+    """Chunk lengths split over `size` cp ranks are multiples of this: C for round-robin, 2C for zigzag (PARALLELISM §1.1,
     `get_cp_padding_align_size`); 1 without cp."""
     return 1 if size == 1 else size if mode == ROUND_ROBIN else 2 * size
 
@@ -89,6 +89,6 @@ class SequenceSplit:
 
     def gather(self, x: jax.Array) -> jax.Array:
         """This rank's per-token values [B, S/C, ...] -> the whole chunk [B, S, ...] in token order:
-        all-gather over cp (rank-major) and re-order (`cp_all_gather_rerange_output`, §1.1)."""
+        all-gather over cp (rank-major) and re-order (`cp_all_gather_rerange_output`, PARALLELISM §1.1)."""
         full = jax.lax.all_gather(x, self.axis, axis=1, tiled=True)
         return jnp.take(full, self.token_order(), axis=1)

@@ -1,7 +1,7 @@
 """Host-side shaping of a batch for the mesh: rows padded to a multiple of dp, chunks to the CP alignment.
 
 Pad rows have `num_new` 0 (their state never changes); pad tokens sit past `num_new` (right padding) and get the
-positions that follow the real ones, so they never reach a cache and their outputs are dropped (§1.1, §9).
+positions that follow the real ones, so they never reach a cache and their outputs are dropped (PARALLELISM §1.1, PARALLELISM §9).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from dsv4jax.sharding.moe import MoECollective
 
 @dataclasses.dataclass(frozen=True)
 class ShardedLayout(TokenLayout):
-    split: SequenceSplit | None = None  # None: every cp rank holds the whole chunk (decode, §1)
+    split: SequenceSplit | None = None  # None: every cp rank holds the whole chunk (decode, PARALLELISM §1)
     collective: MoECollective | None = None
 
     @staticmethod

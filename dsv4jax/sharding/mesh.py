@@ -2,11 +2,11 @@
 
 - dp: data parallel — each dp rank owns its own sequences (the batch axis); with `dp_attention` the MoE
   weights are also tensor-sharded over dp and the MoE gathers every dp rank's tokens (PARALLELISM §4).
-- cp: context parallel — a prefill chunk's tokens are split over cp (§1); decode is replicated over cp.
-  The cp ranks are also expert owners in the MoE (SGLang: the CP group is the MoE group, §3.1).
-- tp: tensor parallel for the MoE intermediate dimension (attention stays replicated: attn_tp = 1, §0).
+- cp: context parallel — a prefill chunk's tokens are split over cp (PARALLELISM §1); decode is replicated over cp.
+  The cp ranks are also expert owners in the MoE (SGLang: the CP group is the MoE group, PARALLELISM §3.1).
+- tp: tensor parallel for the MoE intermediate dimension (attention stays replicated: attn_tp = 1, PARALLELISM §0).
 - ep: expert parallel — the routed-expert axis.
-Axis order dp, cp, tp, ep (§0: the fastest-varying axes last). All axes are `AxisType.Auto`: the parallel code
+Axis order dp, cp, tp, ep (PARALLELISM §0: the fastest-varying axes last). All axes are `AxisType.Auto`: the parallel code
 is manual inside `shard_map`, and `jit` outside it propagates the input shardings automatically.
 """
 
@@ -37,9 +37,9 @@ class MeshConfig:
     cp: int = 1
     tp: int = 1
     ep: int = 1
-    cp_mode: str = "round_robin"  # or "zigzag" (§1.1, §1.2)
-    dp_attention: bool = False  # MoE weights also sharded over dp; tokens gathered over dp (§4)
-    moe_mode: str = "gather"  # or "all_to_all" (§3.2)
+    cp_mode: str = "round_robin"  # or "zigzag" (PARALLELISM §1.1, PARALLELISM §1.2)
+    dp_attention: bool = False  # MoE weights also sharded over dp; tokens gathered over dp (PARALLELISM §4)
+    moe_mode: str = "gather"  # or "all_to_all" (PARALLELISM §3.2)
 
     def __post_init__(self):
         for axis in AXES:
@@ -51,7 +51,7 @@ class MeshConfig:
             raise MeshError(f"moe_mode {self.moe_mode!r}: use 'gather' or 'all_to_all'")
         if self.moe_mode == "all_to_all" and self.dp_attention:
             raise MeshError("moe_mode='all_to_all' keeps tokens on their dp rank, so the MoE weights cannot be split "
-                            "over dp: use dp_attention=False (or moe_mode='gather' for DP attention + TP MoE, §4)")
+                            "over dp: use dp_attention=False (or moe_mode='gather' for DP attention + TP MoE, PARALLELISM §4)")
 
     @property
     def shape(self) -> dict[str, int]:
@@ -67,12 +67,12 @@ class MeshConfig:
     # Which mesh axes shard what (the rules table in `rules.py` is built from these).
     @property
     def expert_axes(self) -> tuple[str, ...]:
-        """The routed-expert axis is split over cp × ep: every CP rank owns experts (§3.1)."""
+        """The routed-expert axis is split over cp × ep: every CP rank owns experts (PARALLELISM §3.1)."""
         return tuple(a for a in ("cp", "ep") if getattr(self, a) > 1)
 
     @property
     def moe_mlp_axes(self) -> tuple[str, ...]:
-        """The experts' intermediate dimension: tp, and dp under DP attention (§4: MoE TP over the dp world)."""
+        """The experts' intermediate dimension: tp, and dp under DP attention (PARALLELISM §4: MoE TP over the dp world)."""
         axes = ("dp", "tp") if self.dp_attention else ("tp",)
         return tuple(a for a in axes if getattr(self, a) > 1)
 

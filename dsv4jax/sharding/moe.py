@@ -1,4 +1,4 @@
-"""The MoE's collectives when tokens and MoE weights are spread over the mesh (PARALLELISM §3, §4).
+"""The MoE's collectives when tokens and MoE weights are spread over the mesh (PARALLELISM §3, PARALLELISM §4).
 
 The MoE composes itself (`dsv4jax.model.moe.MoE`); `MoECollective` implements its `Collectives` hooks for a mesh,
 as functions over arrays: it never sees the MoE's modules or weights.
@@ -7,7 +7,7 @@ Inside `shard_map` each device holds its tokens (split over dp, and over cp duri
 MoE weights: routed experts [E/(cp·ep)] with the intermediate axis split over tp (and dp under DP attention),
 the shared expert's intermediate axis split over every MoE axis. Partial sums of all shards add up to the MoE.
 
-Gather mode (§3.1 non-DeepEP, §4 DP attention + TP MoE):
+Gather mode (PARALLELISM §3.1 non-DeepEP, PARALLELISM §4 DP attention + TP MoE):
   tokens and their ids are all-gathered over the token-split axes that also split the weights (`gather_axes`),
   every device adds the partial sums of its expert/intermediate shard, then `psum_scatter` over `gather_axes`
   returns each device the fully reduced rows of its own tokens, and `psum` over the remaining weight axes
@@ -16,7 +16,7 @@ Gather mode (§3.1 non-DeepEP, §4 DP attention + TP MoE):
   tokens, so hash routing sees the ids of the gathered rows in the same rank-major order (SGLang #24947).
   Rows of all dp ranks have the same padded shape (`data.pad_batch`), i.e. SGLang's MAX_LEN padding.
 
-All-to-all mode (§3.2 DeepEP): tokens stay put; each (token, expert) pair is sent to the expert's owner and the
+All-to-all mode (PARALLELISM §3.2 DeepEP): tokens stay put; each (token, expert) pair is sent to the expert's owner and the
 weighted outputs come back (dsv4jax/sharding/all_to_all.py). On GPU with `jax.lax.ragged_all_to_all`; XLA:CPU has
 no ragged_all_to_all, so on CPU the same exchange uses a dense `all_to_all` with one fixed-capacity slot per pair.
 """

@@ -26,13 +26,13 @@ def logical_rules(mesh: MeshConfig) -> dict[str | None, tuple[str, ...]]:
     rules = {name: () for name in REPLICATED}
     rules.update({
         # parameters
-        "expert": mesh.expert_axes,  # §3.1: the CP group owns experts
-        "moe_mlp": mesh.moe_mlp_axes,  # §4: MoE TP (over dp too under DP attention)
+        "expert": mesh.expert_axes,  # PARALLELISM §3.1: the CP group owns experts
+        "moe_mlp": mesh.moe_mlp_axes,  # PARALLELISM §4: MoE TP (over dp too under DP attention)
         "mlp": mesh.moe_weight_axes,  # shared expert: a distinct slice per MoE device
         # caches and activations
         "batch": ("dp",) if mesh.dp > 1 else (),
         "prefill_tokens": ("cp",) if mesh.cp > 1 else (),
-        "decode_tokens": (),  # decode is never split over cp (§1)
+        "decode_tokens": (),  # decode is never split over cp (PARALLELISM §1)
     })
     return rules
 
@@ -60,7 +60,7 @@ def param_shardings(params: nnx.State, mesh: MeshConfig, device_mesh) -> nnx.Sta
 
 
 def state_specs(state, mesh: MeshConfig):
-    """Decode state: every leaf is [B, ...] — batch over dp, caches replicated over cp/tp/ep (§1: KV replicated)."""
+    """Decode state: every leaf is [B, ...] — batch over dp, caches replicated over cp/tp/ep (PARALLELISM §1: KV replicated)."""
     batch = spec(("batch",), mesh)
     return jax.tree.map(lambda _: batch, state)
 

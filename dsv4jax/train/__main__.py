@@ -85,7 +85,7 @@ def main(argv=None) -> int:
                         help="kernel implementation (the Pallas kernels have no backward pass)")
     parser.add_argument("--log-every", type=int, default=0, help="print a line every N steps (0: progress bar)")
     parser.add_argument("--export", default=None, help="write the trained model here (official format)")
-    parser.add_argument("--quantize", action="store_true", help="export FP8 linears and FP4 experts (§10.1)")
+    parser.add_argument("--quantize", action="store_true", help="export FP8 linears and FP4 experts (ARCHITECTURE §10.1)")
     parser.add_argument("--eval-windows", type=int, default=None, help="at most this many held-out windows")
     parser.add_argument("--jax-config", action="append", default=[], metavar="NAME=VALUE",
                         help="jax.config option, e.g. jax_ragged_dot_use_ragged_dot_instruction=false (repeatable)")

@@ -1,5 +1,5 @@
 """A byte-level BPE tokenizer trained with the `tokenizers` library, carrying DeepSeek-V4's special tokens
-(SERVING.md §D.2) at fixed ids so the chat encoding works end to end: BOS = 0 and EOS = 1, as in V4's config."""
+(SERVING §D.2) at fixed ids so the chat encoding works end to end: BOS = 0 and EOS = 1, as in V4's config."""
 
 from __future__ import annotations
 

@@ -101,7 +101,7 @@ _FP4_PARAM = re.compile(r"\.ffn\.experts\.w[123]$")
 
 def fp8_weight_qdq(w: jax.Array) -> jax.Array:
     """e4m3 quantize-dequantize with one power-of-two scale per 128×128 block of the last two axes, exactly as
-    `quant.quantize_fp8` stores it (§10.1), in fp32."""
+    `quant.quantize_fp8` stores it (ARCHITECTURE §10.1), in fp32."""
     rows, cols = w.shape[-2:]
     pad = [(0, 0)] * (w.ndim - 2) + [(0, -rows % 128), (0, -cols % 128)]
     x = jnp.pad(w.astype(jnp.float32), pad)  # zeros never change a block's amax
@@ -220,7 +220,7 @@ class Trainer:
             state["params"], state["rest"], tokens)
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         params = jax.tree.map(lambda p, u: p - hyper["learning_rate"] * u, state["params"], updates)
-        # Auxiliary-loss-free balancing (DeepSeek-V3 §2.1.2): overloaded experts' bias down, underloaded up.
+        # Auxiliary-loss-free balancing (DeepSeek-V3 section 2.1.2): overloaded experts' bias down, underloaded up.
         gamma = hyper["bias_update_rate"]
 
         def balance(path, p):

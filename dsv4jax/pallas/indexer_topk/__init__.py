@@ -38,7 +38,7 @@ def indexer_scores(q, weights, keys, visible_rows=None, *, interpret=None, plan=
 
 def _select(scores, k: int):
     """Top-k of masked scores, −1 where the slot holds an invisible (−inf) row. `lax.top_k` breaks ties toward
-    the lower index, which is the specification's rule (§8.5)."""
+    the lower index, which is the specification's rule (ARCHITECTURE §8.5)."""
     top_scores, top_rows = jax.lax.top_k(scores, min(k, scores.shape[-1]))
     return jnp.where(top_scores > -jnp.inf, top_rows, -1).astype(jnp.int32)
 

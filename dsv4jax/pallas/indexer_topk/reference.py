@@ -1,4 +1,4 @@
-"""Pure-JAX specification of the lightning indexer's scores and top-k (ARCHITECTURE §8.4, §8.5)."""
+"""Pure-JAX specification of the lightning indexer's scores and top-k (ARCHITECTURE §8.4, ARCHITECTURE §8.5)."""
 
 import jax
 import jax.numpy as jnp
@@ -13,9 +13,9 @@ def indexer_scores_reference(q: jax.Array, weights: jax.Array, keys: jax.Array) 
 
 
 def indexer_topk_reference(q, weights, keys, visible_rows, k: int) -> jax.Array:
-    """Top-k visible rows per query, -1 for unused slots. visible_rows [B,S] = ⌊(t+1)/4⌋ (§8.3).
+    """Top-k visible rows per query, -1 for unused slots. visible_rows [B,S] = ⌊(t+1)/4⌋ (ARCHITECTURE §8.3).
 
-    Tie rule (§8.5): higher score first, then lower row index (`lax.top_k` guarantees the latter).
+    Tie rule (ARCHITECTURE §8.5): higher score first, then lower row index (`lax.top_k` guarantees the latter).
     """
     scores = indexer_scores_reference(q, weights, keys)
     visible = jnp.arange(keys.shape[1]) < visible_rows[..., None]

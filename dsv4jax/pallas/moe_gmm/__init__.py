@@ -36,7 +36,7 @@ def grouped_matmul_swiglu(x, w1, w3, group_sizes, row_weights, limit, w1_scale=N
 
 
 def dequantize_fp8_blocks(w, scale):
-    """§10.2: e4m3 [G, N, K] times 2^(e8m0 - 127) per 128x128 block -> fp32."""
+    """ARCHITECTURE §10.2: e4m3 [G, N, K] times 2^(e8m0 - 127) per 128x128 block -> fp32."""
     s = scale.astype(jnp.float32)
     s = jnp.repeat(jnp.repeat(s, 128, axis=-2)[..., : w.shape[-2], :], 128, axis=-1)[..., : w.shape[-1]]
     return w.astype(jnp.float32) * s

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 
 
 def clamped_swiglu(gate: jax.Array, up: jax.Array, limit: float) -> jax.Array:
-    """§9: gate clamped from above only, up clamped on both sides, silu(gate)·up, all fp32."""
+    """ARCHITECTURE §9: gate clamped from above only, up clamped on both sides, silu(gate)·up, all fp32."""
     gate = jnp.minimum(gate.astype(jnp.float32), limit)
     up = jnp.clip(up.astype(jnp.float32), -limit, limit)
     return jax.nn.silu(gate) * up
@@ -28,8 +28,8 @@ def routed_experts_reference(x, experts, weights, w1, w3, w2, limit: float,
     x [T,D] activations; experts [T,k] int; weights [T,k] fp32; w1, w3 [E,I,D]; w2 [E,D,I]. A pair whose expert
     id is E is dropped: computed nowhere, it adds nothing (an expert-parallel shard's way to skip the experts it
     does not hold). The routing weight is applied before w2 in fp32; each expert's output is rounded to x.dtype
-    (§9).
-    With `simulate_fp8_activations` both GEMM inputs are quantised like the official FP8×FP4 kernel's (§10.3).
+    (ARCHITECTURE §9).
+    With `simulate_fp8_activations` both GEMM inputs are quantised like the official FP8×FP4 kernel's (ARCHITECTURE §10.3).
     """
     from dsv4jax.quant import fp8_qdq
 

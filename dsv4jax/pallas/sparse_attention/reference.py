@@ -1,11 +1,11 @@
-"""Pure-JAX specification of the V4 sparse attention core (ARCHITECTURE §7, §8)."""
+"""Pure-JAX specification of the V4 sparse attention core (ARCHITECTURE §7, ARCHITECTURE §8)."""
 
 import jax
 import jax.numpy as jnp
 
 
 def sparse_attention_reference(q, kv, indices, sink, scale: float):
-    """Each query attends the K=V rows `indices` of its sequence, with a per-head sink (§7).
+    """Each query attends the K=V rows `indices` of its sequence, with a per-head sink (ARCHITECTURE §7).
 
     q [B,S,H,d]; kv [B,N,d] (one head, key = value); indices [B,S,K] int32, -1 = unused; sink [H] fp32.
     Scores and softmax statistics in fp32, probabilities in the KV dtype for P·V, division at the end.
