@@ -98,11 +98,11 @@ def test_sparse_attention_pallas_matches_the_reference():
 
 
 def test_the_choice_travels_with_the_layout(monkeypatch):
-    """The model hands `TokenLayout.kernels` to the attention and indexer ops of every layer."""
+    """The model hands `TokenLayout.kernels` to the attention, indexer and routed-expert ops of every layer."""
     from flax import nnx
 
     from dsv4jax.config import load_config
-    from dsv4jax.model import DeepseekV4, attention, indexer, init_state
+    from dsv4jax.model import DeepseekV4, attention, indexer, init_state, moe
     from dsv4jax.model.layout import KERNEL_CHOICES, TokenLayout
 
     assert KERNEL_CHOICES is pallas.KERNEL_CHOICES
@@ -116,11 +116,12 @@ def test_the_choice_travels_with_the_layout(monkeypatch):
 
     monkeypatch.setattr(attention, "sparse_attention", recording(attention.sparse_attention, "sparse_attention"))
     monkeypatch.setattr(indexer, "indexer_topk", recording(indexer.indexer_topk, "indexer_topk"))
+    monkeypatch.setattr(moe, "routed_experts", recording(moe.routed_experts, "routed_experts"))
     config = load_config(ROOT.parent / "configs" / "test-tiny.json", dtype="float32")
     model = DeepseekV4(config, nnx.Rngs(0))
     ids = jnp.zeros((1, 8), jnp.int32)
     model(ids, init_state(config, 1, 8), layout=TokenLayout(kernels="pallas"))
-    assert {name for name, _ in seen} == {"sparse_attention", "indexer_topk"}
+    assert {name for name, _ in seen} == {"sparse_attention", "indexer_topk", "routed_experts"}
     assert {implementation for _, implementation in seen} == {"pallas"}
 
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from numerics import rel_l2
 
-from dsv4jax import compat, moe_gmm
+from dsv4jax import compat
+from dsv4jax.pallas import moe_gmm
 from dsv4jax.pallas.moe_gmm import kernel
 
 TOL = 2e-2
