@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import (device_ms, device_slug, measure_ceilings, median_seconds, roofline,  # noqa: E402
+from bench.common import (device_ms, device_slug, measure_ceilings, median_seconds, rel_l2, roofline,  # noqa: E402
                           trace_every_kernel, write_results)
 from dsv4jax.pallas.sparse_attention.kernel import (DEFAULT_TUNING, Tuning, default_splits,  # noqa: E402
                                                     sparse_attention_kernel)
@@ -69,11 +69,6 @@ def decode_inputs(B, ctx, key):
     idx = jnp.concatenate([window, comp], axis=2)
     sink = jax.random.normal(ks[3], (H,), jnp.float32)
     return q, kv, idx, sink
-
-
-def rel_l2(out, ref):
-    out = out.astype(jnp.float32)
-    return float(jnp.linalg.norm((out - ref).ravel()) / jnp.linalg.norm(ref.ravel()))
 
 
 def checked_kernel_output(q, kv, idx, sink, kernel=None, tuning: Tuning = DEFAULT_TUNING):
