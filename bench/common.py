@@ -7,11 +7,14 @@ figures. Timings are medians over repeated runs after warm-up, each synchronised
 from __future__ import annotations
 
 import collections
+import functools
 import glob
 import json
 import os
+import re
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -141,14 +144,66 @@ def write_results(name: str, config: dict, records: list[dict], extra: dict | No
     return path
 
 
+def plain_init(name: str, shape) -> tuple[str, float]:
+    """The model's initialiser for an unquantised tensor (init.py, mhc.py, attention.py, compressor.py, moe.py), by
+    official name (`hc_attn_fn`) or parameter path (`hc_attn.fn`): (kind, std)."""
+    if name.endswith("norm.weight"):
+        return "ones", 0.0
+    rules = ((r"hc_(attn|ffn|head)[._]fn$", "normal", 0.02), (r"hc_(attn|ffn|head)[._]base$", "normal", 0.1),
+             (r"hc_(attn|ffn|head)[._]scale$", "one_plus", 0.1), (r"attn_sink$", "normal", 1.0),
+             (r"\.ape$", "normal", 0.5), (r"gate\.bias$", "normal", 0.1), (r"^embed\.weight$", "normal", 1.0))
+    for pattern, init, std in rules:
+        if re.search(pattern, name):
+            return init, std
+    if len(shape) >= 2:
+        return "normal", shape[-1] ** -0.5  # fan_in_normal (the head too: D^-0.5)
+    print(f"warning: no initialiser known for {name} {tuple(shape)}; drawing N(0, 0.1)", file=sys.stderr)
+    return "normal", 0.1
+
+
+@functools.cache
+def _drawer(shape, dtype, kind: str, experts: int):
+    """One jitted program per distinct leaf (shape, dtype, kind): stacked layers share a handful."""
+    def draw(key, std):
+        if kind == "hash":  # tid2eid [.., V, k]: k distinct experts per token
+            noise = jax.random.uniform(key, (*shape[:-1], experts))
+            return jnp.argsort(noise, axis=-1)[..., :shape[-1]].astype(dtype)
+        if kind == "ones":
+            return jnp.ones(shape, dtype)
+        values = std * jax.random.normal(key, shape, jnp.float32)
+        return (values + 1.0 if kind == "one_plus" else values).astype(dtype)
+
+    return jax.jit(draw)
+
+
+def random_params(config, seed: int = 0):
+    """(graphdef, params) of `config` with random weights drawn on the device leaf by leaf, with the model's own
+    distributions: a few small programs, however deep the model (an unrolled init of 43 layers compiles for minutes).
+    """
+    from flax import nnx
+
+    from dsv4jax.checkpoint.names import path_key
+    from dsv4jax.model import DeepseekV4
+
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: DeepseekV4(config, nnx.Rngs(seed))))
+    keys = iter(jax.random.split(jax.random.key(seed), len(jax.tree.leaves(abstract))))
+    leaves = []
+    for path, var in nnx.to_flat_state(abstract):
+        name, target = path_key(path), var.get_value()
+        kind, std = ("hash", 0.0) if jnp.issubdtype(target.dtype, jnp.integer) else plain_init(name, target.shape)
+        draw = _drawer(tuple(target.shape), jnp.dtype(target.dtype), kind, config.n_routed_experts)
+        leaves.append((path, var.replace(draw(next(keys), std))))
+    params = nnx.from_flat_state(leaves)
+    jax.block_until_ready(params)
+    return graphdef, params
+
+
 def random_model(config, name: str, seed: int = 0):
-    """A dsv4jax Model of `config` (a ModelConfig) with random weights drawn on the device, in one jitted program
-    (the host-side init that `dsv4jax.load` uses for a bare config is slow at V4-Flash widths)."""
+    """A dsv4jax Model of `config` (a ModelConfig) with random weights drawn on the device (`random_params`; the
+    host-side init that `dsv4jax.load` uses for a bare config is slow at V4-Flash widths)."""
     from flax import nnx
 
     from dsv4jax.api import Model
-    from dsv4jax.model import DeepseekV4
 
-    model = Model(nnx.jit(lambda: DeepseekV4(config, nnx.Rngs(seed)))(), name=name)
-    jax.block_until_ready(model.params)
-    return model
+    graphdef, params = random_params(config, seed)
+    return Model(nnx.merge(graphdef, params), name=name)

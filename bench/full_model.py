@@ -51,10 +51,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from bench.common import device_slug, write_results  # noqa: E402
+from bench.common import device_slug, plain_init, write_results  # noqa: E402
 from dsv4jax import quant  # noqa: E402
 from dsv4jax.checkpoint.loader import read_host_params  # noqa: E402
-from dsv4jax.checkpoint.names import official_names, path_key  # noqa: E402
+from dsv4jax.checkpoint.names import checkpoint_layout, official_names, path_key  # noqa: E402
 from dsv4jax.checkpoint.safetensors_io import DTYPES, INDEX_FILENAME  # noqa: E402
 from dsv4jax.checkpoint.writer import FP8_LINEAR, FP32_TENSOR, ROUTED_EXPERT  # noqa: E402
 from dsv4jax.config import load_config, save_config  # noqa: E402
@@ -101,28 +101,14 @@ def _e8m0_byte(std: float, code_rms: float) -> int:
     return 127 + int(round(math.log2(std / code_rms)))
 
 
-def _plain_init(name: str, shape) -> tuple[str, float]:
-    """The model's initialiser for an unquantised tensor (init.py, mhc.py, attention.py, compressor.py, moe.py)."""
-    if name.endswith("norm.weight"):
-        return "ones", 0.0
-    rules = ((r"hc_(attn|ffn|head)_fn$", "normal", 0.02), (r"hc_(attn|ffn|head)_base$", "normal", 0.1),
-             (r"hc_(attn|ffn|head)_scale$", "one_plus", 0.1), (r"attn_sink$", "normal", 1.0),
-             (r"\.ape$", "normal", 0.5), (r"gate\.bias$", "normal", 0.1), (r"^embed\.weight$", "normal", 1.0))
-    for pattern, init, std in rules:
-        if re.search(pattern, name):
-            return init, std
-    if len(shape) >= 2:
-        return "normal", shape[-1] ** -0.5  # fan_in_normal (the head too: D^-0.5)
-    log(f"warning: no initialiser known for {name} {tuple(shape)}; drawing N(0, 0.1)")
-    return "normal", 0.1
-
-
 def plan_checkpoint(config) -> tuple[list[tuple[str, list[Tensor]]], nnx.GraphDef, nnx.State]:
     """[(file name, tensors)] in the official naming, as `save_checkpoint(quantize=True)` would write them."""
     graphdef, abstract = abstract_model(config)
     groups: dict[str, list[Tensor]] = {}
-    for path, var in nnx.to_flat_state(abstract):
-        key, value = path_key(path), var.get_value()
+    flat = {path_key(path): var.get_value() for path, var in nnx.to_flat_state(abstract)}
+    per_layer = checkpoint_layout(config, flat,
+                                  lambda stacked, _: jax.ShapeDtypeStruct(stacked.shape[1:], stacked.dtype))
+    for key, value in per_layer.items():
         for name, expert in official_names(key, value.shape[0] if value.shape else 0):
             shape = tuple(value.shape if expert is None else value.shape[1:])
             match = re.match(r"(layers|mtp)\.(\d+)\.", name)
@@ -143,7 +129,7 @@ def plan_checkpoint(config) -> tuple[list[tuple[str, list[Tensor]]], nnx.GraphDe
             elif np.dtype(value.dtype).kind in "iu":
                 group.append(Tensor(name, "I32", shape, "hash", experts=config.n_routed_experts))
             else:
-                init, std = _plain_init(name, shape)
+                init, std = plain_init(name, shape)
                 group.append(Tensor(name, "F32" if FP32_TENSOR.search(name) else "BF16", shape, init, std))
     order = sorted(groups, key=lambda g: (g.startswith("layers"), g.startswith("mtp"), g))
     names = [f"model-{i + 1:05d}-of-{len(order):05d}.safetensors" for i in range(len(order))]

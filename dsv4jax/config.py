@@ -22,6 +22,27 @@ class ConfigError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class LayerGroup:
+    """Main layers `first` … `first + period·repeats − 1` run as `repeats` repetitions of a unit of `period` layers
+    whose kinds repeat (ARCHITECTURE §3.1): position j of repetition r is layer first + r·period + j."""
+
+    first: int
+    period: int
+    repeats: int
+
+    def layer(self, repetition: int, position: int) -> int:
+        return self.first + repetition * self.period + position
+
+    @property
+    def layers(self) -> range:
+        return range(self.first, self.first + self.period * self.repeats)
+
+
+# A repeated unit is at most this many layers long (V4's own pattern is CSA, HCA: 2).
+MAX_LAYER_PERIOD = 4
+
+
+@dataclasses.dataclass(frozen=True)
 class YarnScaling:
     """YaRN frequency interpolation used on CSA/HCA layers only (ARCHITECTURE §6.2; no mscale)."""
 
@@ -73,6 +94,8 @@ class ModelConfig:
     simulate_fp8_kv: bool = False  # ARCHITECTURE §10.3 item 2
     simulate_fp4_indexer: bool = False  # ARCHITECTURE §10.3 item 3
     simulate_fp8_activations: bool = False  # ARCHITECTURE §10.3 item 1
+    # Execution (not part of the checkpoint): layers of one kind stacked and run under one scan (model/stack.py).
+    scan_layers: bool = True
 
     def __post_init__(self):
         _validate(self)
@@ -95,6 +118,36 @@ class ModelConfig:
     @property
     def mtp_layer(self) -> int:
         return self.num_hidden_layers
+
+    def layer_kind(self, layer: int) -> tuple[int, bool]:
+        """What decides a layer's parameter and state shapes: (compress ratio, hash routing)."""
+        return self.compress_ratio(layer), self.is_hash_layer(layer)
+
+    def layer_groups(self) -> tuple[LayerGroup, ...]:
+        """The main layers as consecutive groups, each run under one scan (ARCHITECTURE §3.1).
+
+        Greedy from the first layer: the unit (of at most MAX_LAYER_PERIOD layers) whose repetitions cover the most
+        layers, ties to the shorter unit; a layer that starts no repetition is a group of its own. With
+        `scan_layers` off every layer is its own group.
+        """
+        kinds = [self.layer_kind(i) for i in range(self.num_hidden_layers)]
+        if not self.scan_layers:
+            return tuple(LayerGroup(i, 1, 1) for i in range(len(kinds)))
+        groups, first = [], 0
+        while first < len(kinds):
+            best = (1, 1)
+            for period in range(1, MAX_LAYER_PERIOD + 1):
+                unit = kinds[first:first + period]
+                if len(unit) < period:
+                    break
+                repeats = 1
+                while kinds[first + repeats * period:first + (repeats + 1) * period] == unit:
+                    repeats += 1
+                if repeats > 1 and period * repeats > best[0] * best[1]:
+                    best = (period, repeats)
+            groups.append(LayerGroup(first, *best))
+            first += best[0] * best[1]
+        return tuple(groups)
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -184,7 +237,7 @@ _OFFICIAL_NAMES = {
 }
 _NUMERIC_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)} - {
     "compress_ratios", "yarn", "expert_dtype", "weight_block_size", "dtype",
-    "simulate_fp8_kv", "simulate_fp4_indexer", "simulate_fp8_activations",
+    "simulate_fp8_kv", "simulate_fp4_indexer", "simulate_fp8_activations", "scan_layers",
 }
 
 

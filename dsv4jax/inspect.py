@@ -21,12 +21,13 @@ def _captured(model, ids, state, num_new):
 
 def _capture(model, prompt) -> tuple[dict, int]:
     ids = model.encode(prompt)
-    module = nnx.merge(model.graphdef, model.params)
+    # Recording needs each layer run as itself, not inside a scan: every layer its own group (ARCHITECTURE §3.1).
+    module = nnx.merge(model.graphdef, model.params).with_scan_layers(False)
     set_recording(module, True)
     width = -(-len(ids) // 64) * 64
     padded = np.zeros((1, width), np.int32)
     padded[0, :len(ids)] = ids
-    intermediates = _captured(module, jnp.asarray(padded), init_state(model.config, 1, width),
+    intermediates = _captured(module, jnp.asarray(padded), init_state(module.config, 1, width),
                               jnp.array([len(ids)], jnp.int32))
     flat = {path_key(path): np.asarray(var.get_value()[0])
             for path, var in nnx.to_flat_state(intermediates)}
@@ -37,11 +38,11 @@ def indexer_selection(model, prompt) -> dict[int, np.ndarray]:
     """For each CSA layer: the compressed rows [S, top-k] each query of the prompt attends (−1 = unused)."""
     captured, length = _capture(model, prompt)
     return {int(name.split(".")[1]): rows[0, :length] for name, rows in captured.items()
-            if name.endswith("indexer_rows") and name.startswith("layers.")}
+            if name.endswith("indexer_rows") and name.startswith("groups.")}  # group L holds layer L
 
 
 def expert_routing(model, prompt) -> dict[int, np.ndarray]:
     """For each main layer: the experts [S, k] chosen for each token of the prompt."""
     captured, length = _capture(model, prompt)
     return {int(name.split(".")[1]): experts[0, :length] for name, experts in captured.items()
-            if name.endswith("routed_experts") and name.startswith("layers.")}
+            if name.endswith("routed_experts") and name.startswith("groups.")}

@@ -23,7 +23,7 @@ def drafting_model(residual_scale: float = 0.05, seed: int = 0) -> Model:
     """
     config = load_config(CONFIG).replace(dtype="float32")
     module = DeepseekV4(config, nnx.Rngs(seed))
-    for block in list(module.layers) + list(module.mtp):
+    for block in [block for group in module.groups for block in group.blocks] + list(module.mtp):
         block.attn.wo_b.weight[...] *= residual_scale
         block.ffn.experts.w2[...] *= residual_scale
         block.ffn.shared_experts.w2.weight[...] *= residual_scale

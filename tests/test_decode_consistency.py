@@ -13,6 +13,7 @@ from flax import nnx
 
 from dsv4jax.config import load_config
 from dsv4jax.model import DeepseekV4, init_state
+from dsv4jax.model.state import layer_state
 from numerics import rel_l2
 
 CFG = load_config("configs/test-tiny.json", dtype="float32")  # ratios (0, 4, 128, 4) + MTP, 16 indexer heads
@@ -32,7 +33,8 @@ def real_entries(state, row: int, length: int, mtp: bool = False) -> dict:
     last w positions, the compressor-ring slots of the last coff·m positions, and the emitted rows."""
     state = jax.device_get(state)
     out = {"lengths": state.lengths[row]}
-    for i, layer in enumerate(state.layers):
+    layer_ids = [CFG.mtp_layer] if mtp else range(CFG.num_hidden_layers)
+    for i, layer in enumerate(layer_state(state, CFG, layer_id, mtp) for layer_id in layer_ids):
         ratio = CFG.compress_ratio(CFG.mtp_layer if mtp else i)
         w = layer.window.shape[1]
         out[f"{i}.window"] = layer.window[row, [p % w for p in range(max(0, length - w), length)]]

@@ -31,7 +31,7 @@ def test_indexer_selection_and_routing():
     for experts in routing.values():
         assert experts.shape == (150, config.num_experts_per_tok)
         assert all(len(set(row)) == len(row) for row in experts)
-    table = np.asarray(model.module.layers[0].ffn.gate.tid2eid[...])
+    table = np.asarray(model.module.with_scan_layers(False).groups[0].blocks[0].ffn.gate.tid2eid[...])
     np.testing.assert_array_equal(routing[0], table[prompt])  # layer 0 routes by hash
 
 

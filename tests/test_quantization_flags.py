@@ -10,6 +10,7 @@ from flax import nnx
 from dsv4jax.run import Runner
 from dsv4jax.config import load_config
 from dsv4jax.model import DeepseekV4, init_state
+from dsv4jax.model.state import layer_state
 from dsv4jax.model.linear import Linear
 from dsv4jax.quant import fp4_qdq, fp8_qdq
 
@@ -30,13 +31,13 @@ def test_kv_and_indexer_caches_are_on_the_quantization_grid():
     config, plain_logits, plain = _prefill()
     _, logits, state = _prefill(simulate_fp8_kv=True, simulate_fp4_indexer=True)
     nope = config.nope_head_dim
-    csa = state.layers[1]  # ratio 4
-    for cache in (csa.window, csa.compressor.rows, state.layers[2].compressor.rows):
+    csa, plain_csa = layer_state(state, config, 1), layer_state(plain, config, 1)  # ratio 4
+    for cache in (csa.window, csa.compressor.rows, layer_state(state, config, 2).compressor.rows):
         np.testing.assert_array_equal(fp8_qdq(cache[..., :nope], 64), cache[..., :nope])
     np.testing.assert_array_equal(fp4_qdq(csa.indexer.rows, 32), csa.indexer.rows)
     # Without the flags the same caches are off the grid, and the logits differ.
-    assert not np.array_equal(fp8_qdq(plain.layers[1].window[..., :nope], 64), plain.layers[1].window[..., :nope])
-    assert not np.array_equal(fp4_qdq(plain.layers[1].indexer.rows, 32), plain.layers[1].indexer.rows)
+    assert not np.array_equal(fp8_qdq(plain_csa.window[..., :nope], 64), plain_csa.window[..., :nope])
+    assert not np.array_equal(fp4_qdq(plain_csa.indexer.rows, 32), plain_csa.indexer.rows)
     assert not np.allclose(logits, plain_logits)
 
 

@@ -141,8 +141,8 @@ def test_mtp_prefill_under_cp_matches_single_device(reference):
 
 def _moe_case(layer: int, mesh_spec: str, **options):
     """A block's MoE, tokens [B,S,D] and ids, the single-device MoE output, the mesh and the sharded MoE params."""
-    model = DeepseekV4(CFG, nnx.Rngs(3))
-    moe = model.layers[layer].ffn
+    model = DeepseekV4(CFG.replace(scan_layers=False), nnx.Rngs(3))
+    moe = model.groups[layer].blocks[0].ffn  # unscanned: group L is layer L
     x = jax.random.normal(jax.random.key(9), (4, 16, CFG.hidden_size), jnp.float32)
     ids = jnp.asarray(tokens(104, (4, 16)))
     expected = np.asarray(moe(x, ids))

@@ -13,7 +13,7 @@ from flax import nnx
 from dsv4jax.checkpoint.errors import CheckpointError
 from dsv4jax.config import config_from_dict
 
-_NUMERICS = ("dtype", "simulate_fp8_kv", "simulate_fp4_indexer", "simulate_fp8_activations")
+_NUMERICS = ("dtype", "simulate_fp8_kv", "simulate_fp4_indexer", "simulate_fp8_activations", "scan_layers")
 
 
 def save_converted(model: nnx.Module, directory: str | os.PathLike) -> None:

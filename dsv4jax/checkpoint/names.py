@@ -1,6 +1,8 @@
 """Checkpoint tensor names (ARCHITECTURE §13) and where each lands in the model's parameter tree.
 
-Our parameter paths follow the official names, with three differences handled here:
+Our parameter paths follow the official names, with four differences handled here:
+- main layers live in layer groups (ARCHITECTURE §3.1): `groups.G.blocks.J.…` ⇔ `layers.L.…`, stacked on a leading
+  axis over the group's repetitions when it has several (`checkpoint_layout` / `model_layout`);
 - hyper-connection params are grouped: `layers.L.hc_attn.fn` ⇔ `layers.L.hc_attn_fn` (also hc_ffn, hc_head);
 - the compressor projections are plain params: `…compressor.wkv` ⇔ `…compressor.wkv.weight`, and `head` ⇔ `head.weight`;
 - routed experts are stacked: `ffn.experts.w1` [E, I, D] ⇔ `ffn.experts.{e}.w1.weight` for every e.
@@ -10,6 +12,7 @@ HF transformers names (`model.layers.L.self_attn.q_a_proj.weight`, ...) are tran
 from __future__ import annotations
 
 import re
+from typing import Any, Callable
 
 _HC_PARAM = re.compile(r"^(?P<prefix>(?:mtp\.\d+\.|layers\.\d+\.)?)hc_(?P<which>attn|ffn|head)\.(?P<part>fn|base|scale)$")
 _HC_NAME = re.compile(r"^(?P<prefix>(?:mtp\.\d+\.|layers\.\d+\.)?)hc_(?P<which>attn|ffn|head)_(?P<part>fn|base|scale)$")
@@ -96,3 +99,47 @@ def hf_to_official(name: str) -> str:
     for pattern, replacement in _HF_RULES:
         name = pattern.sub(replacement, name)
     return name
+
+
+_GROUP_PATH = re.compile(r"^groups\.(?P<group>\d+)\.blocks\.(?P<position>\d+)\.(?P<rest>.+)$")
+_LAYER_PATH = re.compile(r"^layers\.(?P<layer>\d+)\.(?P<rest>.+)$")
+
+
+def checkpoint_layout(config, flat: dict[str, Any], take: Callable[[Any, int], Any]) -> dict[str, Any]:
+    """Values by parameter path -> by checkpoint-layout path (`layers.L.…`); `take(value, r)` is repetition r of a
+    stacked value (a slice, a shape, a sharding)."""
+    groups = config.layer_groups()
+    out = {}
+    for path, value in flat.items():
+        m = _GROUP_PATH.match(path)
+        if m is None:
+            out[path] = value
+            continue
+        group, position = groups[int(m["group"])], int(m["position"])
+        if group.repeats == 1:
+            out[f"layers.{group.layer(0, position)}.{m['rest']}"] = value
+        else:
+            for r in range(group.repeats):
+                out[f"layers.{group.layer(r, position)}.{m['rest']}"] = take(value, r)
+    return out
+
+
+def model_layout(config, flat: dict[str, Any], stack: Callable[[str, list], Any]) -> dict[str, Any]:
+    """The inverse of `checkpoint_layout`: `stack(path, values)` joins a stacked parameter's repetitions."""
+    where = {group.layer(r, j): (g, j, r, group.repeats)
+             for g, group in enumerate(config.layer_groups()) for r in range(group.repeats) for j in range(group.period)}
+    out, parts = {}, {}
+    for path, value in flat.items():
+        m = _LAYER_PATH.match(path)
+        if m is None:
+            out[path] = value
+            continue
+        g, j, r, repeats = where[int(m["layer"])]
+        key = f"groups.{g}.blocks.{j}.{m['rest']}"
+        if repeats == 1:
+            out[key] = value
+        else:
+            parts.setdefault(key, {})[r] = value
+    for key, values in parts.items():
+        out[key] = stack(key, [values[r] for r in range(len(values))])
+    return out

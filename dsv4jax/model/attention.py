@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsv4jax.config import ModelConfig
-from dsv4jax.model.compressor import Compressor, _batch_scatter, simulate_quantization
+from dsv4jax.model.compressor import Compressor, simulate_quantization
 from dsv4jax.model.indexer import Indexer
 from dsv4jax.model.init import normal
 from dsv4jax.model.inspection import record
@@ -14,7 +14,7 @@ from dsv4jax.model.layout import IDENTITY, TokenLayout
 from dsv4jax.model.linear import Linear
 from dsv4jax.model.norm import RMSNorm, rms_normalize
 from dsv4jax.model.rope import apply_rope, rope_frequencies
-from dsv4jax.model.state import LayerState, PagedRows, row_view
+from dsv4jax.model.state import LayerState, PagedRows, batch_scatter, row_view
 from dsv4jax.pallas.sparse_attention import sparse_attention
 
 
@@ -65,7 +65,7 @@ class Attention(nnx.Module):
         kv = layout.gather_chunk(simulate_quantization(kv, self.kv_quantization, self.rope_dim))
 
         # Candidate rows live in one buffer: [window ring | this chunk | compressed rows].
-        buffers = [state.window, kv]
+        buffers = [state.window.read(), kv]
         ring = state.window.shape[1]
         indices = [self._window_indices(positions, start, ring)]
         compressor, indexer = state.compressor, state.indexer
@@ -107,7 +107,7 @@ class Attention(nnx.Module):
 
         end = (start + num_new)[:, None]
         keep = (chunk_positions < end) & (chunk_positions >= end - ring)
-        new_window = _batch_scatter(state.window, jnp.where(keep, chunk_positions % ring, ring), kv)
+        new_window = batch_scatter(state.window, jnp.where(keep, chunk_positions % ring, ring), kv)
         return out, LayerState(window=new_window, compressor=compressor, indexer=indexer)
 
     def _window_indices(self, positions, start, ring):

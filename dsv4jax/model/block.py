@@ -30,8 +30,10 @@ class Block(nnx.Module):
         self.ffn = MoE(c, layer, dtype, rngs)
 
     def __call__(self, streams: jax.Array, ids: jax.Array, start: jax.Array, num_new: jax.Array,
-                 state: LayerState, layout: TokenLayout = IDENTITY) -> tuple[jax.Array, LayerState]:
-        """streams [B,S,n,D] -> (streams, state); under context parallelism S is the local token count."""
+                 state: LayerState, layout: TokenLayout = IDENTITY, layer=None) -> tuple[jax.Array, LayerState]:
+        """streams [B,S,n,D] -> (streams, state); under context parallelism S is the local token count.
+        `state` is this layer's (LayerSlices); `layer`: inside a scanned group, the routed experts are the group's
+        stacks and this block is their layer `layer` (ARCHITECTURE §3.1)."""
         # Named scopes label the compiled ops, so a profile can say where device time goes (bench/profile_forward.py).
         with jax.named_scope("mhc"):
             x, post, comb = self.hc_attn.pre(streams, self.dtype)
@@ -41,6 +43,6 @@ class Block(nnx.Module):
             streams = HyperConnection.post(x, streams, post, comb)
             x, post, comb = self.hc_ffn.pre(streams, self.dtype)
         with jax.named_scope("moe"):
-            x = self.ffn(self.ffn_norm(x), ids, layout.moe_collectives, layout.kernels)
+            x = self.ffn(self.ffn_norm(x), ids, layout.moe_collectives, layout.kernels, layer)
         with jax.named_scope("mhc"):
             return HyperConnection.post(x, streams, post, comb), state

@@ -12,18 +12,12 @@ from dsv4jax.model.init import fan_in_normal, normal
 from dsv4jax.model.linear import matmul_fp32
 from dsv4jax.model.norm import RMSNorm
 from dsv4jax.model.rope import apply_rope
-from dsv4jax.model.state import CompressorState, row_write
+from dsv4jax.model.state import CompressorState, batch_scatter, row_write
 
 
 def _batch_take(buffer: jax.Array, index: jax.Array) -> jax.Array:
     """buffer [B, N, ...], index [B, ...] -> buffer[b, index[b, ...]]."""
     return jax.vmap(lambda b, i: b[i])(buffer, index)
-
-
-def _batch_scatter(buffer: jax.Array, index: jax.Array, values: jax.Array) -> jax.Array:
-    """buffer[b, index[b, i]] = values[b, i]; out-of-range indices are dropped."""
-    batch = jnp.arange(buffer.shape[0])[:, None]
-    return buffer.at[batch, index].set(values.astype(buffer.dtype), mode="drop")
 
 
 def simulate_quantization(x: jax.Array, kind: str | None, rope_dim: int = 64) -> jax.Array:
@@ -86,8 +80,8 @@ class Compressor(nnx.Module):
         in_chunk = slot_positions >= start[:, None, None]
         index = jnp.where(in_chunk, ring + slot_positions - start[:, None, None], slot_positions % ring)
         index = jnp.clip(index, 0, ring + chunk - 1).reshape(batch, -1)
-        slot_kv = _batch_take(jnp.concatenate([state.kv, kv], axis=1), index)
-        slot_gate = _batch_take(jnp.concatenate([state.gate, gate], axis=1), index)
+        slot_kv = _batch_take(jnp.concatenate([state.kv.read(), kv], axis=1), index)
+        slot_gate = _batch_take(jnp.concatenate([state.gate.read(), gate], axis=1), index)
         slot_kv = slot_kv.reshape(batch, num_candidates, -1, slot_kv.shape[-1])
         slot_gate = slot_gate.reshape(batch, num_candidates, -1, slot_gate.shape[-1])
         if self.overlap:
@@ -108,5 +102,5 @@ class Compressor(nnx.Module):
         end = (start + num_new)[:, None]
         keep = (positions < end) & (positions >= end - ring)
         slot = jnp.where(keep, positions % ring, ring)
-        return CompressorState(kv=_batch_scatter(state.kv, slot, kv), gate=_batch_scatter(state.gate, slot, gate),
+        return CompressorState(kv=batch_scatter(state.kv, slot, kv), gate=batch_scatter(state.gate, slot, gate),
                                rows=row_buffer)

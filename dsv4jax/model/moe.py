@@ -78,7 +78,8 @@ class SharedExpert(nnx.Module):
 
 
 class Experts(nnx.Module):
-    """Routed experts stacked on a leading axis: w1, w3 [E, I, D] and w2 [E, D, I]."""
+    """Routed experts stacked on a leading axis: w1, w3 [E, I, D] and w2 [E, D, I] (in a scanned group, inside the
+    scan: the group's stacks [L, E, ...], of which `layer` is this one, ARCHITECTURE §3.1)."""
 
     def __init__(self, config: ModelConfig, dtype, rngs: nnx.Rngs):
         c = config
@@ -91,13 +92,14 @@ class Experts(nnx.Module):
     @property
     def count(self) -> int:
         """Experts held here (all of them on one device, this device's block under a mesh)."""
-        return self.w1.shape[0]
+        return self.w1.shape[-3]
 
-    def __call__(self, x, experts, weights, implementation: str = "auto") -> jax.Array:
+    def __call__(self, x, experts, weights, implementation: str = "auto", layer=None) -> jax.Array:
         """x [R, D], local expert ids [R, k] (the drop id skips a pair, see ExpertPlacement), weights [R, k] ->
-        Σ_k weight·expert(x) [R, D] fp32; `implementation` chooses the kernel (dsv4jax/pallas)."""
+        Σ_k weight·expert(x) [R, D] fp32; `implementation` chooses the kernel (dsv4jax/pallas); `layer`: the
+        weights are stacks and this is their layer `layer`."""
         return routed_experts(x, experts, weights, self.w1[...], self.w3[...], self.w2[...], self.limit,
-                              self.simulate_fp8_activations, implementation=implementation)
+                              self.simulate_fp8_activations, implementation=implementation, layer=layer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,9 +195,9 @@ class MoE(nnx.Module):
         self.shared_experts = SharedExpert(config, dtype, rngs) if config.n_shared_experts else None
 
     def __call__(self, x: jax.Array, ids: jax.Array, collectives: Collectives = ONE_DEVICE,
-                 kernels: str = "auto") -> jax.Array:
+                 kernels: str = "auto", layer=None) -> jax.Array:
         """x [B,S,D] local tokens (after ffn_norm), ids [B,S] token ids (hash routing) -> [B,S,D] in x.dtype;
-        `kernels` chooses the routed experts' implementation (dsv4jax/pallas)."""
+        `kernels` chooses the routed experts' implementation (dsv4jax/pallas); `layer` as in `Experts`."""
         c = collectives
         flat, flat_ids = x.reshape(-1, x.shape[-1]), ids.reshape(-1)
         if c.exchanges_pairs:
@@ -206,7 +208,7 @@ class MoE(nnx.Module):
             experts, weights = self.gate(rows, row_ids)
         if c is ONE_DEVICE:  # inspection (dsv4jax.inspect) runs on one device
             record(self, "routed_experts", experts.reshape(*x.shape[:-1], -1))
-        compute = functools.partial(self.experts, implementation=kernels)
+        compute = functools.partial(self.experts, implementation=kernels, layer=layer)
         out = c.exchange(rows, experts, weights, c.placement(self.experts.count), compute)
         if c.exchanges_pairs:
             out = c.combine(out, flat.shape[0])

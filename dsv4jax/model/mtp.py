@@ -39,7 +39,7 @@ class MTPBlock(Block):
         e = self.e_proj(self.enorm(embed(next_ids)))
         h = self.h_proj(self.hnorm(main_streams.astype(self.dtype)))  # per stream
         streams = e[:, :, None, :] + h
-        streams, layer_state = super().__call__(streams, next_ids, start, num_new, state.layers[0], layout)
+        streams, layer_state = super().__call__(streams, next_ids, start, num_new, state.layers[0].at(0), layout)
         streams = layout.gather_chunk(streams)
         hidden = self.norm(self.hc_head(streams, self.dtype))
-        return hidden, streams, DecodeState(lengths=start + num_new, layers=(layer_state,))
+        return hidden, streams, DecodeState(lengths=start + num_new, layers=(layer_state.stacked(),))

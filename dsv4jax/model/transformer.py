@@ -5,13 +5,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsv4jax.config import ModelConfig
-from dsv4jax.model.block import Block
 from dsv4jax.model.init import normal
 from dsv4jax.model.layout import IDENTITY, TokenLayout
 from dsv4jax.model.linear import Embedding, matmul_fp32
 from dsv4jax.model.mhc import HyperConnectionHead
 from dsv4jax.model.mtp import MTPBlock
 from dsv4jax.model.norm import RMSNorm
+from dsv4jax.model.stack import LayerStack
 from dsv4jax.model.state import DecodeState
 
 
@@ -21,7 +21,7 @@ class DeepseekV4(nnx.Module):
         dtype = jnp.dtype(c.dtype)
         self.config = c
         self.embed = Embedding(c.vocab_size, c.hidden_size, dtype, rngs)
-        self.layers = nnx.List([Block(c, i, rngs) for i in range(c.num_hidden_layers)])
+        self.groups = nnx.List([LayerStack(c, group, rngs) for group in c.layer_groups()])  # ARCHITECTURE §3.1
         self.hc_head = HyperConnectionHead(c.hc_mult, c.hidden_size, c.hc_eps, c.rms_norm_eps, rngs)
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.head = nnx.Param(normal(rngs, (c.vocab_size, c.hidden_size), c.hidden_size ** -0.5, dtype),
@@ -43,15 +43,29 @@ class DeepseekV4(nnx.Module):
         start = state.lengths
         x = self.embed(ids)
         streams = jnp.broadcast_to(x[:, :, None, :], (batch, local, self.config.hc_mult, x.shape[-1]))
-        layer_states = []
-        for layer, (block, layer_state) in enumerate(zip(self.layers, state.layers)):
-            with jax.named_scope(f"layer{layer}"):
-                streams, layer_state = block(streams, ids, start, num_new, layer_state, layout)
-            layer_states.append(layer_state)
+        layer_states, first = [], 0
+        for index, group in enumerate(self.groups):
+            period = group.group.period
+            with jax.named_scope(f"group{index}"):
+                streams, states = group(streams, ids, start, num_new, state.layers[first:first + period], layout)
+            layer_states += states
+            first += period
         streams = layout.gather_chunk(streams)
         with jax.named_scope("mhc"):
             hidden = self.norm(self.hc_head(streams, x.dtype))
         return hidden, streams, DecodeState(lengths=start + num_new, layers=tuple(layer_states))
+
+    def with_scan_layers(self, scan_layers: bool) -> "DeepseekV4":
+        """The same model with its layers grouped for `scan_layers` (ARCHITECTURE §3.1): same values, other layout."""
+        from dsv4jax.checkpoint.names import checkpoint_layout, model_layout, path_key
+
+        config = self.config.replace(scan_layers=scan_layers)
+        graphdef, abstract = nnx.split(nnx.eval_shape(lambda: DeepseekV4(config, nnx.Rngs(0))))
+        flat = {path_key(path): var.get_value() for path, var in nnx.to_flat_state(nnx.state(self))}
+        per_layer = checkpoint_layout(self.config, flat, lambda stacked, r: stacked[r])
+        values = model_layout(config, per_layer, lambda _, parts: jnp.stack(parts))
+        return nnx.merge(graphdef, nnx.from_flat_state(
+            [(path, var.replace(values[path_key(path)])) for path, var in nnx.to_flat_state(abstract)]))
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """fp32 logits from final hidden states (ARCHITECTURE §3: head weight upcast to fp32)."""

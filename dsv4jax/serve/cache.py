@@ -4,7 +4,8 @@ compressed-row and indexer-key caches in fixed-size pages (PagedRows) handed out
 One page table serves every layer: a page covers `page_tokens` positions of a sequence, so it holds
 page_tokens / m rows of a ratio-m layer (CSA rows and indexer keys, HCA rows), each layer in its own pool.
 The fixed-size parts (window ring, compressor rings) live per slot; slot `num_slots` is a scratch slot that
-padding rows of a batch bucket point at.
+padding rows of a batch bucket point at. Every leaf is stacked over the layers of its state stack (ARCHITECTURE
+§3.1): rings [L, slots, ...], pools [L, pages, r, d_c].
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsv4jax.config import ModelConfig
-from dsv4jax.model.state import CompressorState, DecodeState, LayerState, PagedRows, init_state, pytree_dataclass
+from dsv4jax.model.state import (CompressorState, DecodeState, LayerState, PagedRows, init_state, pytree_dataclass,
+                                 state_stacks)
 
 
 class OutOfPages(RuntimeError):
@@ -58,18 +60,19 @@ class EngineCaches:
     seen: jax.Array  # [slots+1, V] bool prompt ∪ generated tokens (repetition penalty)
 
 
-def _paged(state: DecodeState, config: ModelConfig, layer_ids, num_pages: int, page_tokens: int) -> DecodeState:
+def _paged(state: DecodeState, config: ModelConfig, mtp: bool, num_pages: int, page_tokens: int) -> DecodeState:
     """Replace each dense row buffer by a zero page pool."""
     def pool(compressor: CompressorState | None, ratio: int):
         if compressor is None:
             return None
-        dim = compressor.rows.shape[-1]
-        return dataclasses.replace(compressor, rows=jnp.zeros((num_pages, page_tokens // ratio, dim),
+        layers, dim = compressor.rows.shape[0], compressor.rows.shape[-1]
+        return dataclasses.replace(compressor, rows=jnp.zeros((layers, num_pages, page_tokens // ratio, dim),
                                                               compressor.rows.dtype))
 
-    layers = tuple(dataclasses.replace(layer, compressor=pool(layer.compressor, config.compress_ratio(i)),
-                                       indexer=pool(layer.indexer, config.compress_ratio(i)))
-                   for i, layer in zip(layer_ids, state.layers))
+    stacks = state_stacks(config, mtp)
+    layers = tuple(dataclasses.replace(layer, compressor=pool(layer.compressor, config.compress_ratio(ids[0])),
+                                       indexer=pool(layer.indexer, config.compress_ratio(ids[0])))
+                   for ids, layer in zip(stacks, state.layers))
     return DecodeState(lengths=state.lengths, layers=layers)
 
 
@@ -78,12 +81,10 @@ def init_caches(config: ModelConfig, num_slots: int, num_pages: int, page_tokens
     """Empty caches for `num_slots` sequences (+ the scratch slot) and a pool of `num_pages` pages."""
     slots = num_slots + 1
     margin = speculative_steps  # ring slack so rejected speculative writes never clobber live slots
-    target = _paged(init_state(config, slots, 1, ring_margin=margin), config, range(config.num_hidden_layers),
-                    num_pages, page_tokens)
+    target = _paged(init_state(config, slots, 1, ring_margin=margin), config, False, num_pages, page_tokens)
     mtp = last_streams = None
     if speculative_steps:
-        mtp = _paged(init_state(config, slots, 1, mtp=True, ring_margin=margin), config, [config.mtp_layer],
-                     num_pages, page_tokens)
+        mtp = _paged(init_state(config, slots, 1, mtp=True, ring_margin=margin), config, True, num_pages, page_tokens)
         last_streams = jnp.zeros((slots, config.hc_mult, config.hidden_size), jnp.dtype(config.dtype))
     return EngineCaches(target=target, mtp=mtp, last_streams=last_streams,
                         counts=jnp.zeros((slots, config.vocab_size), jnp.int32),
@@ -105,7 +106,7 @@ def _map_layers(state: DecodeState, per_slot, pooled) -> DecodeState:
 def gather_slots(state: DecodeState, slots: jax.Array, starts: jax.Array, tables: jax.Array) -> DecodeState:
     """The model-ready state of a batch: rows `slots` of every ring, the shared pools behind the batch's page
     tables, and the host's lengths (the host owns lengths, which makes a speculative rollback free)."""
-    batch = _map_layers(state, lambda a: a[slots], lambda pool: PagedRows(pool=pool, table=tables))
+    batch = _map_layers(state, lambda a: a[:, slots], lambda pool: PagedRows(pool=pool, table=tables))
     return dataclasses.replace(batch, lengths=starts)
 
 
@@ -114,9 +115,9 @@ def scatter_slots(state: DecodeState, batch: DecodeState, slots: jax.Array) -> D
     def compressor(c: CompressorState | None, b: CompressorState | None):
         if c is None:
             return None
-        return CompressorState(kv=c.kv.at[slots].set(b.kv), gate=c.gate.at[slots].set(b.gate), rows=b.rows.pool)
+        return CompressorState(kv=c.kv.at[:, slots].set(b.kv), gate=c.gate.at[:, slots].set(b.gate), rows=b.rows.pool)
 
-    layers = tuple(LayerState(window=layer.window.at[slots].set(new.window),
+    layers = tuple(LayerState(window=layer.window.at[:, slots].set(new.window),
                               compressor=compressor(layer.compressor, new.compressor),
                               indexer=compressor(layer.indexer, new.indexer))
                    for layer, new in zip(state.layers, batch.layers))

@@ -9,6 +9,8 @@ computes a distinct slice of it. Caches and activations: the batch over dp; pref
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -18,7 +20,7 @@ from dsv4jax.sharding.mesh import MeshConfig
 # Logical names that stay replicated, listed so that a new name is a loud error rather than silently replicated.
 REPLICATED = ("embed", "embed_in", "vocab", "q_lora", "heads_dim", "heads", "head_dim", "group_heads_dim",
               "o_groups_rank", "compress_dim", "compress_row", "index_heads_dim", "index_heads", "hc_mix", "hc_embed",
-              "router", None)
+              "router", "layers", None)
 
 
 def logical_rules(mesh: MeshConfig) -> dict[str | None, tuple[str, ...]]:
@@ -60,9 +62,19 @@ def param_shardings(params: nnx.State, mesh: MeshConfig, device_mesh) -> nnx.Sta
 
 
 def state_specs(state, mesh: MeshConfig):
-    """Decode state: every leaf is [B, ...] — batch over dp, caches replicated over cp/tp/ep (PARALLELISM §1: KV replicated)."""
-    batch = spec(("batch",), mesh)
-    return jax.tree.map(lambda _: batch, state)
+    """Decode state: the batch over dp, caches replicated over cp/tp/ep (PARALLELISM §1: KV replicated). `lengths`
+    is [B]; every cache leaf is stacked over its layers, [L, B, ...] (ARCHITECTURE §3.1)."""
+    from dsv4jax.model.state import PagedRows
+
+    batch, stacked = spec(("batch",), mesh), spec(("layers", "batch"), mesh)
+
+    def leaf_spec(leaf):  # a paged pool [L, pages, r, d_c] is shared by the batch; its table [B, P] is not stacked
+        if isinstance(leaf, PagedRows):
+            return PagedRows(pool=spec(("layers",), mesh), table=batch)
+        return stacked
+
+    layers = jax.tree.map(leaf_spec, state.layers, is_leaf=lambda x: isinstance(x, PagedRows))
+    return dataclasses.replace(state, lengths=batch, layers=layers)
 
 
 def state_shardings(state, mesh: MeshConfig, device_mesh):

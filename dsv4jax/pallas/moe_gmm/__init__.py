@@ -18,21 +18,22 @@ from dsv4jax.pallas.moe_gmm.reference import (clamped_swiglu, grouped_matmul_ref
 _ROW_ALIGN = 128  # sorted rows are padded to this (every block_m divides it)
 
 
-def grouped_matmul(x, w, group_sizes, w_scale=None, *, cfg=None, out_dtype=None, interpret=None):
-    """Kernel: rows of x [M, K] sorted by group times w[g]ᵀ (w [G, N, K] bf16, or e4m3 with 128x128 UE8M0
-    w_scale [G, N/128, K/128]) -> [M, N] in out_dtype (x.dtype). Rows past sum(group_sizes) are unwritten."""
+def grouped_matmul(x, w, group_sizes, w_scale=None, *, cfg=None, out_dtype=None, interpret=None, group_offset=0):
+    """Kernel: rows of x [M, K] sorted by group times w[group_offset + g]ᵀ (w [G, N, K] bf16, or e4m3 with 128x128
+    UE8M0 w_scale [G, N/128, K/128]) -> [M, N] in out_dtype (x.dtype). Rows past sum(group_sizes) are unwritten."""
     from dsv4jax.pallas.moe_gmm import kernel
 
-    return kernel.grouped_matmul(x, w, group_sizes, w_scale, cfg=cfg, out_dtype=out_dtype, interpret=interpret)
+    return kernel.grouped_matmul(x, w, group_sizes, w_scale, cfg=cfg, out_dtype=out_dtype, interpret=interpret,
+                                 group_offset=group_offset)
 
 
 def grouped_matmul_swiglu(x, w1, w3, group_sizes, row_weights, limit, w1_scale=None, w3_scale=None, *, cfg=None,
-                          interpret=None):
+                          interpret=None, group_offset=0):
     """Kernel: fused first layer, x.dtype(clamped_swiglu(x.dtype(x@w1ᵀ), x.dtype(x@w3ᵀ)) · row_weights[:, None])."""
     from dsv4jax.pallas.moe_gmm import kernel
 
     return kernel.grouped_matmul_swiglu(x, w1, w3, group_sizes, row_weights, limit, w1_scale, w3_scale, cfg=cfg,
-                                        interpret=interpret)
+                                        interpret=interpret, group_offset=group_offset)
 
 
 def dequantize_fp8_blocks(w, scale):
@@ -87,14 +88,19 @@ def kernel_supported(x, experts, w1, w3, w2) -> bool:
 
 
 def routed_experts_pallas(x, experts, weights, w1, w3, w2, limit: float, simulate_fp8_activations: bool = False,
-                          *, interpret=None, num_sms: int | None = None):
+                          *, interpret=None, num_sms: int | None = None, layer=None):
     """`routed_experts_reference` with the two grouped GEMMs (the first fused with the SwiGLU) as kernels.
-    num_sms: CTAs of the kernels' persistent grids (None: the default device's SMs; 4 under the interpreter)."""
+    num_sms: CTAs of the kernels' persistent grids (None: the default device's SMs; 4 under the interpreter).
+    `layer`: the weights are stacks [L, E, ...] and layer `layer`'s experts are read from them in place."""
     from dsv4jax.quant import fp8_qdq
 
     quantize = (lambda a: fp8_qdq(a, 128)) if simulate_fp8_activations else (lambda a: a)
     tokens, k = experts.shape
-    e, i, d = w1.shape
+    e, i, d = w1.shape[-3:]
+    group_offset = 0
+    if layer is not None:  # [L, E, ...] -> [L·E, ...] is free; the layer's experts are groups layer·E … layer·E + E−1
+        w1, w3, w2 = (w.reshape(-1, *w.shape[2:]) for w in (w1, w3, w2))
+        group_offset = layer * e
     rows = tokens * k
     flat_experts = experts.reshape(-1)
     order = jnp.argsort(flat_experts, stable=True)
@@ -111,25 +117,32 @@ def routed_experts_pallas(x, experts, weights, w1, w3, w2, limit: float, simulat
         num_sms = 4
     if num_sms is not None:
         c1, c2 = (dataclasses.replace(c, num_sms=num_sms) for c in (c1, c2))
-    hidden = grouped_matmul_swiglu(sorted_x, w1, w3, group_sizes, row_weights, limit, cfg=c1, interpret=interpret)
-    out = grouped_matmul(quantize(hidden), w2, group_sizes, cfg=c2, interpret=interpret)[:rows]
+    hidden = grouped_matmul_swiglu(sorted_x, w1, w3, group_sizes, row_weights, limit, cfg=c1, interpret=interpret,
+                                   group_offset=group_offset)
+    out = grouped_matmul(quantize(hidden), w2, group_sizes, cfg=c2, interpret=interpret, group_offset=group_offset)
+    out = out[:rows]
     out = jnp.where(kept_rows(group_sizes, rows)[:, None], out, 0)  # dropped pairs' rows are never written
     return jnp.zeros((tokens, d), jnp.float32).at[token_of].add(out.astype(jnp.float32))
 
 
 @functools.partial(jax.named_call, name="routed_experts")
 def routed_experts(x, experts, weights, w1, w3, w2, limit: float, simulate_fp8_activations: bool = False, *,
-                   implementation: str = "auto"):
+                   implementation: str = "auto", layer=None):
     """Σ_k weights[t,k]·Expert_{experts[t,k]}(x_t) in fp32; x [T,D], experts/weights [T,k], w1/w3 [E,I,D],
     w2 [E,D,I]; a pair with expert id E is dropped (computed nowhere). The reference is the specification.
 
     implementation: "reference", "pallas" (the kernels; a ValueError where they do not support the call) or
-    "auto" (the kernels on a GPU where supported, else the reference)."""
+    "auto" (the kernels on a GPU where supported, else the reference).
+    layer: the weights are the stacks [L, ...] of a scanned group (ARCHITECTURE §3.1) and the experts are those of
+    layer `layer` (traced): the kernels read them in place, the reference slices them out."""
     _pallas.check_implementation("routed_experts", implementation)
+    one_layer = [w if layer is None else jax.ShapeDtypeStruct(w.shape[1:], w.dtype) for w in (w1, w3, w2)]
     reason = None  # through kernel_supported, which a benchmark may patch to keep "auto" on the reference
-    if implementation != "reference" and not kernel_supported(x, experts, w1, w3, w2):
-        reason = unsupported_reason(x, experts, w1, w3, w2) or "not supported"
+    if implementation != "reference" and not kernel_supported(x, experts, *one_layer):
+        reason = unsupported_reason(x, experts, *one_layer) or "not supported"
     if _pallas.use_kernel("routed_experts", implementation, reason):
         return routed_experts_pallas(x, experts, weights, w1, w3, w2, limit, simulate_fp8_activations,
-                                     interpret=_pallas.interpret_params())
+                                     interpret=_pallas.interpret_params(), layer=layer)
+    if layer is not None:
+        w1, w3, w2 = (jax.lax.dynamic_index_in_dim(w, layer, 0, keepdims=False) for w in (w1, w3, w2))
     return routed_experts_reference(x, experts, weights, w1, w3, w2, limit, simulate_fp8_activations)

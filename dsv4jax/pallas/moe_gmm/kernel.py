@@ -88,11 +88,11 @@ SEARCH_METHOD = "compare_all"
 ROW_ALIGN = 8
 
 
-def tile_schedule(group_sizes: jax.Array, m: int, block_m: int) -> jax.Array:
-    """int32 [5, max_tiles]: per tile its group, the first of the block_m rows it loads (a multiple of ROW_ALIGN),
-    and the first and end row of its group within those rows; [4, 0] holds the number of valid tiles. A group's
-    tiles start at its first row rounded down to ROW_ALIGN, so they hold (nearly) only its rows. Tiles are ordered
-    by group then position; invalid tiles have first == end == 0."""
+def tile_schedule(group_sizes: jax.Array, m: int, block_m: int, group_offset=0) -> jax.Array:
+    """int32 [5, max_tiles]: per tile its group (+ `group_offset`: the weight it multiplies), the first of the
+    block_m rows it loads (a multiple of ROW_ALIGN), and the first and end row of its group within those rows;
+    [4, 0] holds the number of valid tiles. A group's tiles start at its first row rounded down to ROW_ALIGN, so
+    they hold (nearly) only its rows. Tiles are ordered by group then position; invalid tiles have first == end == 0."""
     sizes = group_sizes.astype(jnp.int32)
     groups = sizes.shape[0]
     ends = jnp.cumsum(sizes)
@@ -111,7 +111,7 @@ def tile_schedule(group_sizes: jax.Array, m: int, block_m: int) -> jax.Array:
     hi = jnp.minimum(ends[g], tile_start + block_m) - row
     valid = t < total
     zero = jnp.zeros_like(t)
-    out = [jnp.where(valid, g, zero), jnp.where(valid, row, zero), jnp.where(valid, lo, zero),
+    out = [jnp.where(valid, g, zero) + group_offset, jnp.where(valid, row, zero), jnp.where(valid, lo, zero),
            jnp.where(valid, hi, zero), zero.at[0].set(total)]
     return jnp.stack(out).astype(jnp.int32)
 
@@ -262,16 +262,17 @@ def _check(x, w, scale, cfg):
 
 
 def grouped_matmul(x, w, group_sizes, w_scale=None, *, cfg: Config | None = None, out_dtype=None,
-                   interpret=None):
-    """out[r] = x[r] @ w[g(r)]ᵀ for rows sorted by group; x [M, K] bf16, w [G, N, K] (bf16, or e4m3 with
-    w_scale [G, N/128, K/128]); rows past sum(group_sizes) are left unwritten. Returns [M, N] in out_dtype
-    (x.dtype by default)."""
+                   interpret=None, group_offset=0):
+    """out[r] = x[r] @ w[group_offset + g(r)]ᵀ for rows sorted by group; x [M, K] bf16, w [G, N, K] (bf16, or e4m3
+    with w_scale [G, N/128, K/128]); rows past sum(group_sizes) are left unwritten. Returns [M, N] in out_dtype
+    (x.dtype by default). `group_offset` (traced) selects a run of groups of w in place (a scanned layer's experts
+    in the stack of its group)."""
     m, k = x.shape
     n = w.shape[1]
     cfg = cfg or default_config(m, n, k, fused=False, fp8=w_scale is not None)
     _check(x, w, w_scale, cfg)
     m_pad = -(-m // cfg.block_m) * cfg.block_m
-    sched = tile_schedule(group_sizes, m, cfg.block_m)
+    sched = tile_schedule(group_sizes, m, cfg.block_m, group_offset)
     rhs_kn = interpret is not None
     call = _kernel(m_pad=m_pad, n=n, k=k, n_weights=1, fp8=w_scale is not None, swiglu=False, limit=0.0,
                    out_dtype=out_dtype or x.dtype, cfg=cfg, interpret=interpret, rhs_kn=rhs_kn)
@@ -280,10 +281,11 @@ def grouped_matmul(x, w, group_sizes, w_scale=None, *, cfg: Config | None = None
 
 
 def grouped_matmul_swiglu(x, w1, w3, group_sizes, row_weights, limit: float, w1_scale=None, w3_scale=None, *,
-                          cfg: Config | None = None, interpret=None):
+                          cfg: Config | None = None, interpret=None, group_offset=0):
     """h[r] = x.dtype( silu(min(p1, limit)) · clip(p3, ±limit) · row_weights[r] ) with p = x.dtype(x[r] @ w[g]ᵀ)
     (the projections are rounded to x.dtype first), for rows sorted by group; x [M, K], w1/w3 [G, N, K],
-    row_weights [M] fp32. Returns [M, N] in x.dtype; rows past sum(group_sizes) are left unwritten."""
+    row_weights [M] fp32. Returns [M, N] in x.dtype; rows past sum(group_sizes) are left unwritten; `group_offset` as
+    in `grouped_matmul`."""
     m, k = x.shape
     n = w1.shape[1]
     fp8 = w1_scale is not None
@@ -291,7 +293,7 @@ def grouped_matmul_swiglu(x, w1, w3, group_sizes, row_weights, limit: float, w1_
     _check(x, w1, w1_scale, cfg)
     _check(x, w3, w3_scale, cfg)
     m_pad = -(-m // cfg.block_m) * cfg.block_m
-    sched = tile_schedule(group_sizes, m, cfg.block_m)
+    sched = tile_schedule(group_sizes, m, cfg.block_m, group_offset)
     rhs_kn = interpret is not None
     call = _kernel(m_pad=m_pad, n=n, k=k, n_weights=2, fp8=fp8, swiglu=True, limit=float(limit),
                    out_dtype=x.dtype, cfg=cfg, interpret=interpret, rhs_kn=rhs_kn)
