@@ -188,7 +188,11 @@ def random_params(config, seed: int = 0):
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: DeepseekV4(config, nnx.Rngs(seed))))
     keys = iter(jax.random.split(jax.random.key(seed), len(jax.tree.leaves(abstract))))
     leaves = []
-    for path, var in nnx.to_flat_state(abstract):
+    start = time.perf_counter()
+    for index, (path, var) in enumerate(nnx.to_flat_state(abstract)):
+        if index % 100 == 0:
+            print(f"random_params: {index} leaves drawn, {_drawer.cache_info().currsize} programs, "
+                  f"{time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
         name, target = path_key(path), var.get_value()
         kind, std = ("hash", 0.0) if jnp.issubdtype(target.dtype, jnp.integer) else plain_init(name, target.shape)
         draw = _drawer(tuple(target.shape), jnp.dtype(target.dtype), kind, config.n_routed_experts)
