@@ -100,6 +100,7 @@ def main() -> None:
     parser.add_argument("--decode-steps", type=int, default=32)
     parser.add_argument("--compare-layers", type=int, default=6)
     parser.add_argument("--copy-gb", type=float, default=4.0)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="decode batch sizes")
     args = parser.parse_args()
 
     config = load_config(args.config, dtype="bfloat16")
@@ -157,11 +158,11 @@ def main() -> None:
 
     if "compile" in args.phases or "decode" in args.phases:
         prefill_bucket(1, args.context, max_len)
-        for batch in (1, 32):
+        for batch in args.batches:
             decode_bucket(batch)
 
     if "decode" in args.phases:
-        for batch in (1, 32):
+        for batch in args.batches:
             prefill = prefill_bucket(batch, args.context, max_len)
             decode = decode_bucket(batch)
             ids = jax.random.randint(jax.random.key(batch), (batch, args.context), 0, config.vocab_size)
@@ -226,8 +227,8 @@ def main() -> None:
             timing, _ = decode_step_times(decode, params, state, logits, active, args.decode_steps)
             records.append({"phase": "compare", "layers": layers, "scan_layers": scan, "call": "decode", "batch": 1,
                             "lower_s": lowered_s, "compile_s": compile_s, **timing})
-            log(f"{layers} layers scan={scan}: decode compile {compile_s:.1f} s, {timing['median_step_ms']:.2f} "
-                f"ms/step")
+            log(f"{layers} layers scan={scan}: decode lower {lowered_s:.1f} s, compile {compile_s:.1f} s, "
+                f"{timing['median_step_ms']:.2f} ms/step")
             save()
             del params, state, decode
     log(f"wrote {save()}")
