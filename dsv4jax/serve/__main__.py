@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-model-len", type=int, default=4096, help="prompt + generated tokens of one request")
     parser.add_argument("--max-running-requests", type=int, default=8, help="requests decoding at once")
     parser.add_argument("--max-waiting-requests", type=int, default=256,
-                        help="queued requests beyond which the server answers 503")
+                        help="requests that may wait beyond the free running slots; past that the server answers "
+                        "503 (busy), and a batch larger than running + waiting slots 400 (never fits)")
     parser.add_argument("--page-tokens", type=int, default=256, help="positions per cache page")
     parser.add_argument("--prefill-chunk", type=int, default=256, help="most prompt tokens per request per step")
     parser.add_argument("--max-prefill-rows", type=int, default=None, help="requests prefilled together in one step")

@@ -5,8 +5,11 @@ Endpoints: POST /v1/completions (text, token ids, batches; echo with prompt logp
 DSML tool calls), both streamed as SSE when asked (ending in a usage chunk with `stream_options.include_usage`, then
 `[DONE]`); GET /v1/models, /health, /metrics, /server_info; POST /tokenize, /detokenize.
 
-Every request is validated whole before anything is submitted, so a bad one changes nothing; a full queue answers
-503 with Retry-After; a client that goes away aborts its requests (their cache pages come back).
+Every request is validated whole before anything is submitted, so a bad one changes nothing (400 naming the field;
+no input gives a 5xx); a batch that can never fit answers 400, a full queue 503 with Retry-After; a request that
+fails while running gets a 500 (or a streamed error event) and the others go on; a client that goes away aborts its
+requests (their cache pages come back). Parsing and tokenizing large bodies run in a worker thread, so the event
+loop (and /health) never waits on them.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ import time
 from dataclasses import dataclass, field
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -28,10 +32,12 @@ from dsv4jax.serve import chat
 from dsv4jax.serve.async_engine import AsyncEngine, EngineDeadError
 from dsv4jax.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                     TokenizeRequest, parse_body)
+from dsv4jax.tokenizer import hf_tokenizer_config
 
 MAX_BODY_BYTES = 32 << 20
 RETRY_AFTER_S = 1
 _LOGPROB_FLOOR = -9999.0  # JSON has no -inf; an impossible token reports this (as vLLM does)
+_INLINE_BYTES = 64 << 10  # bodies and texts up to this are parsed / tokenized on the event loop; larger in a thread
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -52,13 +58,27 @@ class ServerState:
     def vocab_size(self) -> int:
         return self.model.config.vocab_size
 
+    @property
+    def bos(self) -> int:
+        return self.model.config.bos_token_id
+
+    @property
+    def max_prompt_bytes(self) -> int:
+        """Text longer than this can never fit in max_model_len tokens, so it is refused before tokenizing
+        (twice the bound: slack for a tokenizer that normalizes text)."""
+        per_token = getattr(self.model.tokenizer, "max_bytes_per_token", None) or 64
+        return 2 * self.max_model_len * per_token
+
     def token_text(self, token_id: int, as_id: bool = False) -> str:
-        """A token's own text for logprobs. Tokens with no text (BOS, EOS, ...) show as "token_id:N"."""
+        """A token's own text for logprobs: special tokens (BOS, EOS, ...) by their names, as vLLM shows them;
+        a token with no text at all as "token_id:N"."""
         if as_id:
             return f"token_id:{token_id}"
         text = self._token_text.get(token_id)
         if text is None:
-            text = self.model.tokenizer.decode([token_id]) or f"token_id:{token_id}"
+            tokenizer = self.model.tokenizer
+            text = tokenizer.decode([token_id]) or tokenizer.decode([token_id], skip_special_tokens=False) \
+                or f"token_id:{token_id}"
             self._token_text[token_id] = text
         return text
 
@@ -81,16 +101,60 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+def _is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media in ("", "application/json") or (media.startswith("application/") and media.endswith("+json"))
+
+
 async def _read_body(request: Request) -> bytes:
-    if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
+    content_type = request.headers.get("content-type", "")
+    if not _is_json(content_type):
+        raise APIError(415, f"content-type {content_type!r} is not JSON; send the body as application/json",
+                       param="content-type", code="unsupported_media_type")
+    length = request.headers.get("content-length") or "0"
+    if not length.isdigit():
+        raise APIError(400, f"content-length {length!r} is not a number", param="content-length")
+    if int(length) > MAX_BODY_BYTES:
         raise APIError(413, f"the request body is larger than {MAX_BODY_BYTES >> 20} MiB; send a smaller one")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise APIError(413, f"the request body is larger than {MAX_BODY_BYTES >> 20} MiB; send a smaller one")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise APIError(413, f"the request body is larger than {MAX_BODY_BYTES >> 20} MiB; send a smaller one")
+            chunks.append(chunk)
+    except ClientDisconnect:  # gone mid-body: nobody to answer, nothing to log
+        raise APIError(400, "the client disconnected before sending the whole body", code="client_disconnected")
     return b"".join(chunks)
+
+
+async def _parse(model, request: Request):
+    """Read and validate a body; a large one is parsed in a worker thread (SERVING §D.1)."""
+    raw = await _read_body(request)
+    if len(raw) <= _INLINE_BYTES:
+        return parse_body(model, raw)
+    return await run_in_threadpool(parse_body, model, raw)
+
+
+async def _encode_text(state: ServerState, text: str, where: str, add_special_tokens: bool = True,
+                       check_length: bool = True) -> list[int]:
+    """Text -> prompt ids by the BOS rule of SERVING §E: with add_special_tokens (the default) the
+    tokenizer's BOS comes first, as the model directory's Hugging Face tokenizer adds it, unless the text already
+    starts with the BOS token (text decoded from ids that carried it), so BOS is never doubled. Long texts are
+    tokenized in a worker thread; text that could never fit the context is refused before tokenizing."""
+    if check_length and len(text) > state.max_prompt_bytes // 4 and len(text.encode("utf-8")) > state.max_prompt_bytes:
+        raise APIError(400, f"{where}: the text has {len(text.encode('utf-8'))} bytes, more than the "
+                            f"{state.max_model_len} tokens of the context can ever hold; shorten it",
+                       param=where.split("[")[0], code="context_length_exceeded")
+    tokenizer = state.model.tokenizer
+    try:
+        ids = tokenizer.encode(text) if len(text) <= _INLINE_BYTES else \
+            await run_in_threadpool(tokenizer.encode, text)
+    except (ValueError, TypeError) as error:
+        raise APIError(400, f"{where}: {error}", param=where.split("[")[0])
+    if add_special_tokens and (not ids or ids[0] != state.bos):
+        ids = [state.bos] + ids
+    return ids
 
 
 def _check_model(state: ServerState, name: str | None) -> str:
@@ -108,12 +172,25 @@ def _check_ids(state: ServerState, ids: list[int], where: str) -> list[int]:
     return ids
 
 
-def _check_room(state: ServerState, prompt_len: int, max_tokens: int, where: str) -> None:
+def _check_room(state: ServerState, prompt_len: int, max_tokens: int, where: str,
+                budget_field: str = "max_tokens") -> None:
     if prompt_len + max_tokens > state.max_model_len:
-        raise APIError(400, f"{where}: the prompt has {prompt_len} tokens and max_tokens is {max_tokens}, more than "
-                            f"the context of {state.max_model_len} tokens; shorten the prompt or lower max_tokens",
-                       param="max_tokens" if prompt_len < state.max_model_len else where,
+        raise APIError(400, f"{where}: the prompt has {prompt_len} tokens and {budget_field} is {max_tokens}, more "
+                            f"than the context of {state.max_model_len} tokens; shorten the prompt or lower "
+                            f"{budget_field}",
+                       param=budget_field if prompt_len < state.max_model_len else where,
                        code="context_length_exceeded")
+
+
+def _check_count(state: ServerState, n: int, prompts: int) -> None:
+    """A batch of n × prompts requests larger than the engine ever holds can never be admitted: 400, not a 503
+    that no retry would cure (SERVING §D.1)."""
+    capacity = state.engine.capacity
+    if capacity is not None and n * prompts > capacity:
+        raise APIError(400, f"n={n} × {prompts} prompt{'s' if prompts != 1 else ''} = {n * prompts} requests, more "
+                            f"than this server ever holds at once ({capacity}: --max-running-requests + "
+                            f"--max-waiting-requests); send at most {capacity} (fewer prompts per request or a "
+                            f"lower n)", param="n" if prompts == 1 else "prompt", code="batch_too_large")
 
 
 def _sampling(state: ServerState, req, *, max_tokens: int, seed_offset: int, logprobs: int | None,
@@ -146,27 +223,34 @@ def _sampling(state: ServerState, req, *, max_tokens: int, seed_offset: int, log
 
 
 def _submit_all(state: ServerState, jobs: list[tuple[list[int], object]]):
-    """Submit every (prompt ids, sampling) or none: on a refusal, the ones already in are aborted."""
+    """Submit every (prompt ids, sampling) or none, atomically: a refused batch leaves nothing queued."""
     from dsv4jax.serve.engine import AdmissionError, QueueFullError
 
-    streams = []
     try:
-        for ids, sampling in jobs:
-            streams.append(state.engine.submit(ids, sampling))
-    except BaseException as error:
-        for stream in streams:
-            state.engine.abort(stream.request_id)
-        if isinstance(error, QueueFullError):
-            if state.engine.metrics is not None:
-                state.engine.metrics.rejected.inc()
-            raise APIError(503, f"the server is busy ({error}); retry in {RETRY_AFTER_S} s", type="server_busy",
-                           code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
-        if isinstance(error, AdmissionError):
-            raise APIError(400, str(error))
-        if isinstance(error, EngineDeadError):
-            raise APIError(503, str(error), type="server_error", code="engine_dead")
-        raise
-    return streams
+        return state.engine.submit_many(jobs)
+    except QueueFullError as error:
+        if state.engine.metrics is not None:
+            state.engine.metrics.rejected.inc()
+        raise APIError(503, f"the server is busy ({error}); retry in {RETRY_AFTER_S} s", type="server_busy",
+                       code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
+    except AdmissionError as error:
+        raise APIError(400, str(error))
+    except EngineDeadError as error:
+        raise APIError(503, str(error), type="server_error", code="engine_dead")
+
+
+class RequestFailed(Exception):
+    """One request failed while running (the engine went on): its client gets a 500 naming the reason."""
+
+
+def _raise_if_failed(output) -> None:
+    if output.finish_reason == "error":
+        raise RequestFailed(output.error or "unknown error")
+
+
+def _failure(error: RequestFailed) -> APIError:
+    return APIError(500, f"generation failed for this request: {error}; the server goes on serving (see its log)",
+                    type="server_error", code="generation_failed")
 
 
 async def _collect(request: Request, state, streams, add) -> None:
@@ -179,6 +263,8 @@ async def _collect(request: Request, state, streams, add) -> None:
         await _until_disconnect(request, collect())
     except EngineDeadError as error:
         raise _engine_error(error)
+    except RequestFailed as error:
+        raise _failure(error)
 
 
 async def _until_disconnect(request: Request, work):
@@ -260,6 +346,7 @@ async def _merged(state: ServerState, streams):
             elif isinstance(item, BaseException):
                 raise item
             else:
+                _raise_if_failed(item)
                 yield index, item
     finally:
         for t in tasks:
@@ -361,30 +448,30 @@ def _vllm_prompt_logprobs(state: ServerState, choice: _Choice):
 
 async def completions(request: Request) -> Response:
     state: ServerState = request.app.state.server
-    req = parse_body(CompletionRequest, await _read_body(request))
+    req = await _parse(CompletionRequest, request)
     model_name = _check_model(state, req.model)
     tokenizer = state.model.tokenizer
     given = req.prompts()
+    _check_count(state, req.n, len(given))  # before tokenizing anything
     max_tokens = 16 if req.max_tokens is None else req.max_tokens  # OpenAI's default
+    # max_tokens 0 (scoring a prompt, echo only): the engine runs one token, which is not returned.
+    run_tokens = max(max_tokens, 1)
     prompts, prompt_texts = [], []
     for i, prompt in enumerate(given):
         where = "prompt" if len(given) == 1 else f"prompt[{i}]"
         if isinstance(prompt, str):
             if not prompt:
                 raise APIError(400, f"{where} is empty: send some text", param="prompt")
-            try:
-                ids = state.model.encode(prompt)
-            except ValueError as error:
-                raise APIError(400, f"{where}: {error}", param="prompt")
+            ids = await _encode_text(state, prompt, where, req.add_special_tokens)
             prompt_texts.append(prompt)
         else:
             ids = _check_ids(state, list(prompt), where)
             prompt_texts.append(tokenizer.decode(ids))
-        _check_room(state, len(ids), max_tokens, where)
+        _check_room(state, len(ids), run_tokens, where)
         prompts.append(ids)
     echo_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
     prompt_logprobs = req.prompt_logprobs if req.prompt_logprobs is not None else echo_logprobs
-    samplings = [_sampling(state, req, max_tokens=max_tokens, seed_offset=j, logprobs=req.logprobs,
+    samplings = [_sampling(state, req, max_tokens=run_tokens, seed_offset=j, logprobs=req.logprobs,
                            prompt_logprobs=prompt_logprobs) for j in range(req.n)]
     jobs = [(ids, samplings[j]) for ids in prompts for j in range(req.n)]
     streams = _submit_all(state, jobs)
@@ -425,6 +512,9 @@ async def completions(request: Request) -> Response:
             except EngineDeadError as error:
                 yield _engine_error(error).body()
                 return
+            except RequestFailed as error:  # the stream's error event; the server goes on
+                yield _failure(error).body()
+                return
             if include_usage:
                 yield {"id": completion_id, "object": "text_completion", "created": created, "model": model_name,
                        "choices": [], "usage": _usage(num_prompt_tokens, sum(c.num_output_tokens for c in choices))}
@@ -432,6 +522,10 @@ async def completions(request: Request) -> Response:
         return _SSEResponse(events(), _abort_all(state, streams))
 
     await _collect(request, state, streams, lambda index, output: choices[index].add(output))
+    if max_tokens == 0:
+        for choice in choices:
+            choice.text, choice.token_ids, choice.logprobs, choice.top = "", [], [], []
+            choice.num_output_tokens, choice.finish_reason = 0, "length"
     body_choices = []
     for index, choice in enumerate(choices):
         echo_ids = choice.prompt_ids if req.echo else None
@@ -451,8 +545,8 @@ async def completions(request: Request) -> Response:
 # /v1/chat/completions
 
 
-def _render_chat(state: ServerState, req) -> tuple[list[int], bool]:
-    """A chat request -> (prompt ids, thinking on?) by the V4 encoding (SERVING §D.2)."""
+def _render_chat(state: ServerState, req) -> tuple[str, bool]:
+    """A chat request -> (prompt text, thinking on?) by the V4 encoding (SERVING §D.2)."""
     kwargs = req.chat_template_kwargs.model_dump(exclude_none=True) if req.chat_template_kwargs else None
     thinking, effort = chat.resolve_thinking(kwargs, req.reasoning_effort,
                                              req.thinking.type if req.thinking else None, state.default_thinking)
@@ -467,10 +561,16 @@ def _render_chat(state: ServerState, req) -> tuple[list[int], bool]:
         text = chat.encode_messages(messages, thinking=thinking, reasoning_effort=effort, tools=tools,
                                     response_format=response_format,
                                     drop_thinking=(kwargs or {}).get("drop_thinking", True))
-        ids = [state.model.config.bos_token_id] + state.model.tokenizer.encode(text)
     except (chat.ChatFormatError, ValueError) as error:
         raise APIError(400, str(error), param="messages")
-    return ids, thinking
+    return text, thinking
+
+
+async def _chat_ids(state: ServerState, req, check_length: bool = True) -> tuple[list[int], bool]:
+    """A chat request -> (prompt ids: BOS + the encoding, thinking on?)."""
+    text, thinking = _render_chat(state, req)
+    ids = await _encode_text(state, text, "messages", add_special_tokens=False, check_length=check_length)
+    return [state.bos] + ids, thinking
 
 
 @dataclass
@@ -535,9 +635,10 @@ def _delta_of(events: list[tuple]) -> dict:
 
 async def chat_completions(request: Request) -> Response:
     state: ServerState = request.app.state.server
-    req = parse_body(ChatCompletionRequest, await _read_body(request))
+    req = await _parse(ChatCompletionRequest, request)
     model_name = _check_model(state, req.model)
-    prompt_ids, thinking = _render_chat(state, req)
+    _check_count(state, req.n, 1)
+    prompt_ids, thinking = await _chat_ids(state, req)
     _check_ids(state, prompt_ids, "messages")
     budget = req.token_budget()
     if budget is None:
@@ -546,7 +647,11 @@ async def chat_completions(request: Request) -> Response:
             raise APIError(400, f"messages: the prompt has {len(prompt_ids)} tokens, the context is "
                                 f"{state.max_model_len}; shorten the conversation", param="messages",
                            code="context_length_exceeded")
-    _check_room(state, len(prompt_ids), budget, "messages")
+    if budget == 0:
+        raise APIError(400, "max_completion_tokens (or max_tokens) is 0: a chat reply needs at least 1 token",
+                       param="max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens")
+    _check_room(state, len(prompt_ids), budget, "messages",
+                "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     samplings = [_sampling(state, req, max_tokens=budget, seed_offset=j, logprobs=logprobs, prompt_logprobs=None)
                  for j in range(req.n)]
@@ -587,6 +692,9 @@ async def chat_completions(request: Request) -> Response:
                         yield chunk(index, {}, None, choice.finish_reason)
             except EngineDeadError as error:
                 yield _engine_error(error).body()
+                return
+            except RequestFailed as error:  # the stream's error event; the server goes on
+                yield _failure(error).body()
                 return
             if include_usage:
                 yield {"id": completion_id, "object": "chat.completion.chunk", "created": created,
@@ -663,29 +771,56 @@ async def metrics(request: Request) -> Response:
 
 
 async def tokenize(request: Request) -> Response:
+    """vLLM's /tokenize; texts of any length (lm-eval's remote tokenizer sends whole documents for rolling
+    log-likelihoods), tokenized by the same BOS rule as /v1/completions."""
     state: ServerState = request.app.state.server
-    req = parse_body(TokenizeRequest, await _read_body(request))
+    req = await _parse(TokenizeRequest, request)
     _check_model(state, req.model)
     if req.messages is not None:
-        ids, _ = _render_chat(state, req)
+        ids, _ = await _chat_ids(state, req, check_length=False)
     else:
-        try:
-            ids = state.model.encode(req.prompt) if req.add_special_tokens else state.model.tokenizer.encode(req.prompt)
-        except ValueError as error:
-            raise APIError(400, f"prompt: {error}", param="prompt")
-    return _json_response({"tokens": ids, "count": len(ids), "max_model_len": state.max_model_len})
+        ids = await _encode_text(state, req.prompt, "prompt", req.add_special_tokens, check_length=False)
+    body = {"tokens": ids, "count": len(ids), "max_model_len": state.max_model_len}
+    if len(ids) <= _INLINE_BYTES:
+        return _json_response(body)
+    return await run_in_threadpool(_json_response, body)
 
 
 async def detokenize(request: Request) -> Response:
     state: ServerState = request.app.state.server
-    req = parse_body(DetokenizeRequest, await _read_body(request))
+    req = await _parse(DetokenizeRequest, request)
     _check_model(state, req.model)
     ids = _check_ids(state, req.tokens, "tokens")
-    return _json_response({"prompt": state.model.tokenizer.decode(ids)})
+    if len(ids) <= _INLINE_BYTES:
+        return _json_response({"prompt": state.model.tokenizer.decode(ids)})
+    return _json_response({"prompt": await run_in_threadpool(state.model.tokenizer.decode, ids)})
+
+
+async def tokenizer_info(request: Request) -> Response:
+    """vLLM's GET /tokenizer_info: the tokenizer configuration (what the model directory's tokenizer_config.json
+    holds) plus `tokenizer_class`. lm-eval's `tokenizer_backend=remote` reads bos_token / eos_token from it and
+    finds their ids through /tokenize (SERVING §E)."""
+    state: ServerState = request.app.state.server
+    return _json_response(hf_tokenizer_config(state.model.tokenizer, state.bos, state.model.config.eos_token_id,
+                                              state.max_model_len))
 
 
 async def _api_error(request: Request, error: APIError) -> Response:
     return _error_response(error)
+
+
+class _TrailingSlash:
+    """"/v1/completions/" is served as "/v1/completions" (instead of Starlette's body-less 307 redirect, which
+    POST clients do not follow with their body)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and len(scope["path"]) > 1 and scope["path"].endswith("/"):
+            path = scope["path"].rstrip("/") or "/"
+            scope = {**scope, "path": path, "raw_path": path.encode()}
+        await self.app(scope, receive, send)
 
 
 async def _http_error(request: Request, error: HTTPException) -> Response:
@@ -714,8 +849,11 @@ def build_app(engine: AsyncEngine, model, *, served_names: list[str] | None = No
         Route("/metrics", metrics, methods=["GET"]),
         Route("/tokenize", tokenize, methods=["POST"]),
         Route("/detokenize", detokenize, methods=["POST"]),
+        Route("/tokenizer_info", tokenizer_info, methods=["GET"]),
     ]
     app = Starlette(routes=routes, exception_handlers={APIError: _api_error, HTTPException: _http_error,
                                                       Exception: _server_error})
+    app.router.redirect_slashes = False
+    app.add_middleware(_TrailingSlash)
     app.state.server = ServerState(engine, model, served_names or [model.name], max_model_len, default_thinking)
     return app

@@ -30,6 +30,7 @@ class RequestStream:
     submitted: float = field(default_factory=time.perf_counter)
     last_token: float | None = None
     finished: bool = False
+    aborted: bool = False
 
 
 class AsyncEngine:
@@ -60,7 +61,14 @@ class AsyncEngine:
 
     @property
     def healthy(self) -> bool:
+        """False only when the engine cannot go on (its thread failed or stopped); a request that failed on its
+        own does not count (SERVING §D.1)."""
         return self.error is None and self._thread.is_alive()
+
+    @property
+    def capacity(self) -> int | None:
+        """The most requests the engine ever holds at once (None: no such bound is known)."""
+        return getattr(self.engine, "capacity", None)
 
     def stats(self) -> dict:
         """The engine's stats as of its last step (read here, written by the engine thread only)."""
@@ -70,20 +78,39 @@ class AsyncEngine:
 
     def submit(self, prompt_ids: list[int], sampling, request_id: str | None = None) -> RequestStream:
         """Queue a request; raises the engine's AdmissionError / QueueFullError at once. Then `outputs(...)`."""
+        return self.submit_many([(prompt_ids, sampling)], [request_id])[0]
+
+    def submit_many(self, jobs: list[tuple[list[int], object]], request_ids=None) -> list[RequestStream]:
+        """Queue every (prompt ids, sampling) or none (the engine's `submit_batch`): a refused batch leaves no
+        request behind to crowd out other clients, and counts as no abort."""
         if self.error is not None:
             raise EngineDeadError(f"the engine stopped after an error: {self.error!r}")
-        rid = request_id or uuid.uuid4().hex
-        stream = RequestStream(rid, asyncio.get_running_loop(), asyncio.Queue(), len(prompt_ids))
+        loop = asyncio.get_running_loop()
+        ids = [rid or uuid.uuid4().hex for rid in (request_ids or [None] * len(jobs))]
+        streams = [RequestStream(rid, loop, asyncio.Queue(), len(ids_)) for rid, (ids_, _) in zip(ids, jobs)]
         with self._lock:  # registered first: the engine thread may answer before submit returns
-            self._streams[rid] = stream
+            self._streams.update((s.request_id, s) for s in streams)
         try:
-            self.engine.submit(prompt_ids, sampling, request_id=rid)
+            items = [(prompt, sampling, rid) for rid, (prompt, sampling) in zip(ids, jobs)]
+            if hasattr(self.engine, "submit_batch"):
+                self.engine.submit_batch(items)
+            else:  # an engine without batches: one by one, taking back the ones already in on a refusal
+                done = []
+                try:
+                    for prompt, sampling, rid in items:
+                        self.engine.submit(prompt, sampling, request_id=rid)
+                        done.append(rid)
+                except BaseException:
+                    for rid in done:
+                        self.engine.abort(rid)
+                    raise
         except BaseException:
             with self._lock:
-                self._streams.pop(rid, None)
+                for s in streams:
+                    self._streams.pop(s.request_id, None)
             raise
         self._wake.set()
-        return stream
+        return streams
 
     async def outputs(self, stream: RequestStream):
         """Yield the request's RequestOutputs up to the finished one. Leaving early (a disconnect cancels the
@@ -101,9 +128,14 @@ class AsyncEngine:
                 self.abort(stream.request_id)
 
     def abort(self, rid: str) -> None:
-        """Idempotent. The engine frees the pages; its final "abort" output is dropped unread."""
-        stream = self._streams.get(rid)
-        if stream is not None and not stream.finished:
+        """Idempotent (counted once in num_requests_abandoned). The engine frees the pages; its final "abort"
+        output is dropped unread."""
+        with self._lock:
+            stream = self._streams.get(rid)
+            first = stream is not None and not stream.finished and not stream.aborted
+            if first:
+                stream.aborted = True
+        if first:
             if self.metrics is not None:
                 self.metrics.client_aborts.inc()
             self.engine.abort(rid)
@@ -123,7 +155,11 @@ class AsyncEngine:
                     outputs = self.engine.step()
                     now = time.perf_counter()
                     for output in outputs:
-                        self._deliver(output, now)
+                        try:
+                            self._deliver(output, now)
+                        except Exception:  # noqa: BLE001 - one output's bookkeeping must not stop the rest
+                            log.error("delivering an output of %s failed:\n%s", output.request_id,
+                                      traceback.format_exc())
                     self._refresh_stats()
                 else:
                     self._refresh_stats()
@@ -146,6 +182,12 @@ class AsyncEngine:
             if output.finished:
                 stream.finished = True
                 del self._streams[output.request_id]
+        try:
+            self._observe(stream, output, now)
+        finally:  # the handler hears of its output whatever the metrics did
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, output)
+
+    def _observe(self, stream: RequestStream, output, now: float) -> None:
         if self.metrics is not None and output.token_ids:
             n = len(output.token_ids)
             if stream.last_token is None:
@@ -158,4 +200,3 @@ class AsyncEngine:
             self.metrics.generation_tokens.inc(n)
         if self.metrics is not None and output.finished:
             self.metrics.e2e.observe(now - stream.submitted)
-        stream.loop.call_soon_threadsafe(stream.queue.put_nowait, output)

@@ -117,7 +117,7 @@ def _dsml_arguments(arguments: str) -> str:
     """JSON arguments -> DSML parameters: strings raw with string="true", everything else as JSON."""
     try:
         values = json.loads(arguments)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):  # not JSON (or absurdly nested): kept as one string
         values = None
     if not isinstance(values, dict):
         values = {"arguments": arguments}  # as the reference encoder does for non-object arguments
@@ -519,7 +519,7 @@ class OutputParser:
             try:
                 json.loads(raw)
                 text = raw
-            except ValueError:
+            except (ValueError, RecursionError):  # the model's text may nest past what json parses
                 text = _json(raw)  # not JSON after all: keep it as a string rather than break the arguments
             events.append(("arguments", index, text))
         self._open_param, self._value = None, ""

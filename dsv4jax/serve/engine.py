@@ -17,6 +17,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import itertools
+import logging
 import math
 import os
 import threading
@@ -37,6 +38,8 @@ from dsv4jax.serve.steps import Batch, decode_step, prefill_step
 
 __all__ = ["Engine", "EngineConfig", "AdmissionError", "QueueFullError", "RequestOutput", "Completion",
            "SamplingParams"]
+
+log = logging.getLogger("dsv4jax.serve")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,9 +110,10 @@ class RequestOutput:
     prompt_logprobs: list[float | None] | None
     prompt_top_logprobs: list[list[tuple[int, float]] | None] | None
     finished: bool
-    finish_reason: str | None
+    finish_reason: str | None  # "stop", "length", "abort", or "error" (then `error` says why)
     num_prompt_tokens: int
     num_output_tokens: int
+    error: str | None = None
 
 
 @dataclasses.dataclass
@@ -160,38 +164,64 @@ class Engine:
         self._ids = itertools.count()
         self._seeds = np.random.default_rng(config.seed)
         self._known: set[str] = set()
-        self.counters = dict(finished=0, aborted=0, drafted_tokens=0, accepted_tokens=0, speculative_rounds=0,
-                             steps=0)
+        self.counters = dict(finished=0, aborted=0, failed=0, drafted_tokens=0, accepted_tokens=0,
+                             speculative_rounds=0, steps=0)
 
     # ---- public API -------------------------------------------------------------------------------------------
 
     def submit(self, prompt_ids, sampling: SamplingParams = SamplingParams(), request_id: str | None = None) -> str:
         """Queue a request; raises AdmissionError (never fits) or QueueFullError (try later). Thread-safe."""
-        prompt = [int(t) for t in prompt_ids]
+        return self.submit_batch([(prompt_ids, sampling, request_id)])[0]
+
+    @property
+    def capacity(self) -> int:
+        """The most requests the engine holds at once (running slots + the waiting queue): a batch larger than
+        this can never be admitted, however long the client waits."""
+        return self.config.max_running_requests + self.config.max_waiting_requests
+
+    def submit_batch(self, items) -> list[str]:
+        """Queue several (prompt ids, sampling, request id or None) at once, all or none: AdmissionError if one
+        can never run (or the batch is larger than `capacity`), QueueFullError if they do not fit now. A refused
+        batch leaves nothing behind, so it never crowds out other callers. Thread-safe."""
         vocab = self.model_config.vocab_size
-        if not prompt:
-            raise AdmissionError("the prompt is empty; give at least one token")
-        bad = [t for t in prompt if not 0 <= t < vocab]
-        if bad:
-            raise AdmissionError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-        try:
-            sampling.validate(vocab)
-        except ValueError as error:
-            raise AdmissionError(str(error)) from None
-        if sampling.prompt_logprobs is not None and not self.config.prompt_logprobs:
-            raise AdmissionError("prompt_logprobs needs an engine started with EngineConfig(prompt_logprobs=True)")
+        if len(items) > self.capacity:
+            raise AdmissionError(f"{len(items)} requests at once can never be admitted: this engine holds at most "
+                                 f"{self.capacity} (max_running_requests {self.config.max_running_requests} + "
+                                 f"max_waiting_requests {self.config.max_waiting_requests})")
+        checked = []
+        for prompt_ids, sampling, request_id in items:
+            prompt = [int(t) for t in prompt_ids]
+            if not prompt:
+                raise AdmissionError("the prompt is empty; give at least one token")
+            bad = [t for t in prompt if not 0 <= t < vocab]
+            if bad:
+                raise AdmissionError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+            try:
+                sampling.validate(vocab)
+            except ValueError as error:
+                raise AdmissionError(str(error)) from None
+            if sampling.prompt_logprobs is not None and not self.config.prompt_logprobs:
+                raise AdmissionError("prompt_logprobs needs an engine started with "
+                                     "EngineConfig(prompt_logprobs=True)")
+            checked.append((prompt, sampling, request_id))
         with self._lock:
-            rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-            if rid in self._known:
-                raise AdmissionError(f"request id {rid!r} is already in use")
-            seed = sampling.seed if sampling.seed is not None else int(self._seeds.integers(2**31))
-            request = Request(id=rid, prompt=prompt, sampling=sampling, seed=seed)
-            self.scheduler.check(request)
-            if len(self.scheduler.waiting) + len(self._inbox) >= self.config.max_waiting_requests:
-                raise QueueFullError(f"{self.config.max_waiting_requests} requests are already waiting; retry later")
-            self._known.add(rid)
-            self._inbox.append(request)
-        return rid
+            requests = []
+            for prompt, sampling, request_id in checked:
+                rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+                if rid in self._known or any(r.id == rid for r in requests):
+                    raise AdmissionError(f"request id {rid!r} is already in use")
+                seed = sampling.seed if sampling.seed is not None else int(self._seeds.integers(2**31))
+                request = Request(id=rid, prompt=prompt, sampling=sampling, seed=seed)
+                self.scheduler.check(request)
+                requests.append(request)
+            queued = len(self.scheduler.waiting) + len(self._inbox)
+            if not self.scheduler.has_room(queued, len(requests)):
+                raise QueueFullError(f"{queued} requests are queued for {len(self.scheduler.free_slots)} free slots "
+                                     f"and {self.config.max_waiting_requests} waiting places; {len(requests)} more "
+                                     f"do not fit now, retry later")
+            self._known.update(r.id for r in requests)
+            self._inbox.extend(requests)
+        return [r.id for r in requests]
 
     def abort(self, request_id: str) -> None:
         """Stop a request and free its pages (idempotent); its last output has finish_reason "abort"."""
@@ -264,7 +294,8 @@ class Engine:
                 self.scheduler.release(request)
                 with self._lock:
                     self._known.discard(request.id)
-                self.counters["aborted" if request.finish_reason == "abort" else "finished"] += 1
+                self.counters["aborted" if request.finish_reason == "abort" else
+                              "failed" if request.finish_reason == "error" else "finished"] += 1
         return outputs
 
     def generate(self, prompts, sampling: SamplingParams | list[SamplingParams] = SamplingParams()) -> list[Completion]:
@@ -318,7 +349,48 @@ class Engine:
                      sampling=SamplingRows.from_params([r.sampling for r in requests] + [None] * pad,
                                                        [r.seed for r in requests] + [0] * pad))
 
+    # A failure while running some requests fails those requests only (SERVING §D.1): a batch that
+    # raises is run again one request at a time, so the culprit is found and the others carry on; host-side
+    # bookkeeping after the device step is per request. Only a failure that leaves the caches unusable (donated
+    # buffers consumed by a failed executable) stops the engine.
+
+    def _fail(self, r: Request, error: BaseException, touched) -> None:
+        log.error("request %s failed: %r", r.id, error, exc_info=error)
+        r.finish_reason, r.error = "error", f"{type(error).__name__}: {error}"
+        touched[r.id] = r
+
+    def _isolate(self, run_batch, requests: list[Request], error: BaseException, touched) -> None:
+        if any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree.leaves(self.caches)):
+            raise error  # the caches are gone with the failed step: nothing can continue
+        if len(requests) == 1:
+            self._fail(requests[0], error, touched)
+            return
+        for r in requests:
+            run_batch([r], touched)
+
     def _prefill(self, requests: list[Request], touched) -> None:
+        try:
+            first, prompt, lengths, final = self._run_prefill(requests)
+        except Exception as error:  # noqa: BLE001 - isolated to the requests that cause it
+            self._isolate(self._prefill, requests, error, touched)
+            return
+        for i, (r, n) in enumerate(zip(requests, lengths)):
+            try:
+                if r.sampling.prompt_logprobs is not None:
+                    if r.length == 0:
+                        r.prompt_logprobs.append(None)
+                        r.prompt_top_logprobs.append(None)
+                    count = min(n, len(r.prompt) - 1 - r.length)  # positions whose next token is in the prompt
+                    r.prompt_logprobs += prompt.logprobs[i, :count].tolist()
+                    r.prompt_top_logprobs += [_top(prompt, i, j, r.sampling.prompt_logprobs) for j in range(count)]
+                r.length += n
+                if final[i]:
+                    self._commit(r, first, i, 1)
+                touched[r.id] = r
+            except Exception as error:  # noqa: BLE001
+                self._fail(r, error, touched)
+
+    def _run_prefill(self, requests: list[Request]):
         lengths = [min(len(r.prompt) - r.length, self.config.prefill_chunk) for r in requests]
         rows = bucket_for(len(requests), self.prefill_row_buckets)
         chunk = bucket_for(max(lengths), self.chunk_buckets)
@@ -332,40 +404,38 @@ class Engine:
             next_ids[i, :len(following)] = following
             num_new[i], final[i] = n, r.length + n == len(r.prompt)
         run = self._executable("prefill", rows, chunk)
-        self.caches, first, prompt = run(self.params, self.caches, self._batch(requests, rows), ids, num_new,
-                                         next_ids, final)
+        batch = self._batch(requests, rows)
+        caches, first, prompt = run(self.params, self.caches, batch, ids, num_new, next_ids, final)
         first, prompt = jax.device_get((first, prompt))
-        for i, (r, n) in enumerate(zip(requests, lengths)):
-            if r.sampling.prompt_logprobs is not None:
-                if r.length == 0:
-                    r.prompt_logprobs.append(None)
-                    r.prompt_top_logprobs.append(None)
-                count = min(n, len(r.prompt) - 1 - r.length)  # positions whose next token is in the prompt
-                r.prompt_logprobs += prompt.logprobs[i, :count].tolist()
-                r.prompt_top_logprobs += [_top(prompt, i, j, r.sampling.prompt_logprobs) for j in range(count)]
-            r.length += n
-            if final[i]:
-                self._commit(r, first, i, 1)
-            touched[r.id] = r
+        self.caches = caches  # only once the step has fully succeeded
+        return first, prompt, lengths, final
 
     def _decode(self, requests: list[Request], touched) -> None:
-        rows = bucket_for(len(requests), self.decode_buckets)
-        ids = np.zeros((rows,), np.int32)
-        ids[:len(requests)] = [r.pending for r in requests]
-        active = np.arange(rows) < len(requests)
-        run = self._executable("decode", rows)
-        self.caches, out = run(self.params, self.caches, self._batch(requests, rows), ids, active)
-        out = jax.device_get(out)
+        try:
+            rows = bucket_for(len(requests), self.decode_buckets)
+            ids = np.zeros((rows,), np.int32)
+            ids[:len(requests)] = [r.pending for r in requests]
+            active = np.arange(rows) < len(requests)
+            run = self._executable("decode", rows)
+            caches, out = run(self.params, self.caches, self._batch(requests, rows), ids, active)
+            out = jax.device_get(out)
+            self.caches = caches
+        except Exception as error:  # noqa: BLE001 - isolated to the requests that cause it
+            self._isolate(self._decode, requests, error, touched)
+            return
         steps = self.config.speculative_steps
         for i, r in enumerate(requests):
-            count = int(out.count[i])
-            r.length += count  # the pending token and the accepted drafts are now processed
-            if steps:
-                self.counters["speculative_rounds"] += 1
-                self.counters["drafted_tokens"] += steps
-                self.counters["accepted_tokens"] += count - 1
-            self._commit(r, out, i, count)
-            touched[r.id] = r
+            try:
+                count = int(out.count[i])
+                r.length += count  # the pending token and the accepted drafts are now processed
+                if steps:
+                    self.counters["speculative_rounds"] += 1
+                    self.counters["drafted_tokens"] += steps
+                    self.counters["accepted_tokens"] += count - 1
+                self._commit(r, out, i, count)
+                touched[r.id] = r
+            except Exception as error:  # noqa: BLE001
+                self._fail(r, error, touched)
 
     def _commit(self, r: Request, out, row: int, count: int) -> None:
         """Append emitted tokens until a stop condition; the last kept token becomes the pending one."""
@@ -407,7 +477,7 @@ class Engine:
             prompt_logprobs=r.prompt_logprobs if send_prompt else None,
             prompt_top_logprobs=r.prompt_top_logprobs if send_prompt else None,
             finished=r.finished, finish_reason=r.finish_reason, num_prompt_tokens=len(r.prompt),
-            num_output_tokens=len(r.output))
+            num_output_tokens=len(r.output), error=r.error)
         r.text_sent, r.tokens_sent, r.prompt_sent = end, len(r.output), r.prompt_sent or send_prompt
         return output
 

@@ -30,10 +30,14 @@ class ServerMetrics:
         self.acceptance = gauge("spec_decode_acceptance_rate", "Accepted / drafted MTP tokens (0 before any draft).")
         self.finished = gauge("num_requests_finished", "Requests the engine has finished (any reason).")
         self.aborted = gauge("num_requests_aborted", "Requests the engine has aborted.")
+        self.failed = gauge("num_requests_failed", "Requests that failed with an error while running (the others "
+                            "went on).")
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of requests that produced output.")
         self.generation_tokens = counter("generation_tokens", "Tokens generated.")
-        self.rejected = counter("num_requests_rejected", "Requests refused with 503 because the queue was full.")
-        self.client_aborts = counter("num_requests_abandoned", "Requests aborted because the client went away.")
+        self.rejected = counter("num_requests_rejected", "HTTP requests refused with 503 because the queue was full "
+                                "(a batch counts once).")
+        self.client_aborts = counter("num_requests_abandoned", "Requests aborted because the client went away "
+                                     "(each once).")
         self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Submit to first generated token.",
                               buckets=_LATENCY_BUCKETS, registry=registry)
         self.itl = Histogram(PREFIX + "inter_token_latency_seconds", "Time between generated tokens.",
@@ -55,6 +59,7 @@ class ServerMetrics:
         self.acceptance.set(accepted / drafted if drafted else 0.0)
         self.finished.set(stats.get("finished", 0))
         self.aborted.set(stats.get("aborted", 0))
+        self.failed.set(stats.get("failed", 0))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -9,13 +9,21 @@ client (`user`, `metadata`, ...) are accepted and ignored; OpenAI features this 
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError,
+                      field_validator, model_validator)
 
 MAX_N = 16  # choices per prompt
 MAX_LOGPROBS = 20  # top alternatives per token (the engine's limit)
 MAX_STOP = 16
+MAX_STOP_CHARS = 1024  # per stop string: the engine holds back that much text while streaming
+MAX_STOP_TOKEN_IDS = 256
+MAX_LOGIT_BIAS = 1024
+MAX_JSON_DEPTH = 100  # nesting of a request body, tool parameters and tool-call arguments (SERVING §D.1)
+INT32_MAX = 2**31 - 1  # what the device's int32 arrays hold (top_k, token ids, lengths)
+INT64_MIN, INT64_MAX = -2**63, 2**63 - 1  # seeds, as vLLM bounds them
 
 
 class APIError(Exception):
@@ -35,8 +43,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
 
-NonNegInt = Annotated[StrictInt, Field(ge=0)]
+NonNegInt = Annotated[StrictInt, Field(ge=0, le=INT32_MAX)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
+StopString = Annotated[StrictStr, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
 class StreamOptions(_Strict):
@@ -51,18 +60,19 @@ class _Sampling(_Strict):
     n: Annotated[StrictInt, Field(ge=1, le=MAX_N)] = 1
     temperature: Annotated[float, Field(ge=0.0, le=100.0, allow_inf_nan=False)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)] | None = None
-    top_k: Annotated[StrictInt, Field(ge=-1)] | None = None
+    top_k: Annotated[StrictInt, Field(ge=-1, le=INT32_MAX)] | None = None  # above the vocabulary: off
     min_p: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | None = None
-    seed: StrictInt | None = None
-    stop: StrictStr | Annotated[list[StrictStr], Field(max_length=MAX_STOP)] | None = None
-    stop_token_ids: list[NonNegInt] | None = None
+    seed: Annotated[StrictInt, Field(ge=INT64_MIN, le=INT64_MAX)] | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
+    stop_token_ids: Annotated[list[NonNegInt], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     ignore_eos: StrictBool = False
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0, allow_inf_nan=False)] | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    logit_bias: dict[str, Any] | None = None
+    logit_bias: Annotated[dict[str, Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]],
+                          Field(max_length=MAX_LOGIT_BIAS)] | None = None
     min_tokens: NonNegInt = 0
     skip_special_tokens: StrictBool = True
     # Client bookkeeping: accepted, no effect.
@@ -70,6 +80,14 @@ class _Sampling(_Strict):
     metadata: dict[str, Any] | None = None
     store: StrictBool | None = None
     service_tier: StrictStr | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias_keys(cls, bias):
+        for key in bias or {}:
+            if not key.isascii() or not key.isdigit() or int(key) > INT32_MAX:
+                raise ValueError(f"logit_bias keys are token ids (decimal strings of integers >= 0); got {key!r}")
+        return bias
 
     @model_validator(mode="after")
     def _unsupported(self):
@@ -98,6 +116,7 @@ class CompletionRequest(_Sampling):
     prompt: Prompt
     max_tokens: NonNegInt | None = 16
     echo: StrictBool = False
+    add_special_tokens: StrictBool = True  # text prompts get the tokenizer's BOS (vLLM's field; SERVING §E)
     logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     prompt_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     best_of: Annotated[StrictInt, Field(ge=1, le=MAX_N)] | None = None
@@ -114,6 +133,12 @@ class CompletionRequest(_Sampling):
             raise ValueError("echo with logprobs is not supported when streaming; send stream=false")
         if isinstance(self.prompt, str) and not self.prompt:
             raise ValueError("prompt is empty: send some text or token ids")
+        if self.max_tokens == 0 and not self.echo:
+            # OpenAI's scoring shape is echo with max_tokens 0; without echo there is nothing to return.
+            raise ValueError("max_tokens is 0, which only makes sense with echo=true (prompt scoring); send "
+                             "max_tokens >= 1 or echo=true")
+        if self.max_tokens == 0 and self.stream:
+            raise ValueError("max_tokens=0 (prompt scoring) is not supported when streaming; send stream=false")
         return self
 
     def prompts(self) -> list[str | list[int]]:
@@ -134,6 +159,23 @@ class TextPart(_Strict):
 class FunctionCall(_Strict):
     name: StrictStr
     arguments: StrictStr
+
+    @field_validator("arguments")
+    @classmethod
+    def _arguments_depth(cls, arguments):
+        # The chat encoding parses these JSON arguments (SERVING §D.2); a string that is not JSON stays a string.
+        try:
+            value = json.loads(arguments)
+        except RecursionError:
+            value = None
+            depth = MAX_JSON_DEPTH + 1
+        except ValueError:
+            return arguments
+        else:
+            depth = _depth(value)
+        if depth > MAX_JSON_DEPTH:
+            raise ValueError(f"the JSON arguments are nested more than {MAX_JSON_DEPTH} levels deep; flatten them")
+        return arguments
 
 
 class ToolCall(_Strict):
@@ -268,22 +310,72 @@ def _location(loc: tuple) -> str | None:
 
 # Union-typed fields: pydantic reports every branch; say what the field accepts instead.
 _UNION_HINTS = {
-    "prompt": "prompt must be non-empty text, a list of texts, a list of token ids (integers >= 0) or a list of "
-              "such lists",
-    "stop": f"stop must be a string or a list of at most {MAX_STOP} strings",
+    "prompt": "prompt must be non-empty text, a list of texts, a list of token ids (integers >= 0, below the "
+              "vocabulary size) or a list of such lists",
+    "stop": f"stop must be a non-empty string of at most {MAX_STOP_CHARS} characters or a list of at most {MAX_STOP} "
+            f"such strings",
     "content": "content must be a string or a list of {\"type\": \"text\", \"text\": ...} parts (only text is "
                "supported)",
 }
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _depth(value) -> int:
+    """Nesting depth of a parsed JSON value (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            depth += 1
+            deepest = max(deepest, depth)
+            stack.extend((child, depth) for child in (item.values() if isinstance(item, dict) else item)
+                         if isinstance(child, (dict, list)))
+    return deepest
+
+
+def _path(parts: tuple) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else ("." if i else "") + str(p) for i, p in enumerate(parts))
+
+
+def check_json(data) -> None:
+    """Refuse what would break later stages with a 400 naming the place: nesting deeper than MAX_JSON_DEPTH
+    (recursion in validators and the chat encoder) and strings holding lone UTF-16 surrogates (JSON can
+    escape them, \\ud800, but no tokenizer can encode them)."""
+    stack = [(data, (), 0)]
+    while stack:
+        item, where, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise APIError(400, f"{_path(where) or 'the request body'} is nested more than {MAX_JSON_DEPTH} levels "
+                                f"deep; flatten it", param=_path(where[:1]) or None)
+        entries = item.items() if isinstance(item, dict) else enumerate(item)
+        for key, value in entries:
+            if isinstance(key, str) and not key.isascii() and _SURROGATE.search(key):
+                raise APIError(400, f"{_path(where) or 'the request body'} has a key with a lone UTF-16 surrogate "
+                                    f"({ascii(key)[:40]}); send valid Unicode", param=_path(where[:1]) or None)
+            if isinstance(value, str):
+                if not value.isascii() and _SURROGATE.search(value):
+                    at = _path(where + (key,))
+                    raise APIError(400, f"{at} holds a lone UTF-16 surrogate (such as \\ud800), which is not "
+                                        f"Unicode text and cannot be tokenized; send valid UTF-8 text",
+                                   param=at, code="invalid_unicode")
+            elif isinstance(value, (dict, list)):
+                stack.append((value, where + (key,), depth + 1))
+
+
 def parse_body(model: type[BaseModel], raw: bytes) -> BaseModel:
     """Bytes of a request body -> a validated request, or an APIError(400) naming the bad field."""
     try:
-        data = json.loads(raw)
+        data = json.loads(raw.decode("utf-8"))  # JSON on the wire is UTF-8 (RFC 8259), never UTF-16/32
+    except RecursionError:  # json's C parser recurses once per level
+        raise APIError(400, f"the request body is nested too deeply (more than {MAX_JSON_DEPTH} levels are "
+                            f"refused); flatten it")
     except (ValueError, UnicodeDecodeError) as error:
         raise APIError(400, f"the request body is not valid JSON ({error}); send a JSON object")
     if not isinstance(data, dict):
         raise APIError(400, f"the request body is a JSON {type(data).__name__}; send a JSON object")
+    check_json(data)
     try:
         return model.model_validate(data)
     except ValidationError as error:
@@ -291,6 +383,9 @@ def parse_body(model: type[BaseModel], raw: bytes) -> BaseModel:
         count = error.error_count()
         param = _location(first["loc"])
         message = first["msg"].removeprefix("Value error, ")
+        if param is None:  # a check across fields: its message starts with the field it is about
+            word = re.match(r"[a-z_]+", message)
+            param = word.group() if word and word.group() in model.model_fields else None
         if first["type"] == "extra_forbidden":
             message = f"unknown field {param!r}; remove it (see the OpenAI API reference for the fields)"
         elif first["type"] == "missing":
@@ -298,7 +393,7 @@ def parse_body(model: type[BaseModel], raw: bytes) -> BaseModel:
         elif param and param.rsplit(".", 1)[-1] in _UNION_HINTS and len(first["loc"]) > len(param.split(".")):
             message = _UNION_HINTS[param.rsplit(".", 1)[-1]] + (f" (at {param})" if "." in param else "")
             count = 1
-        elif param:
+        elif param and not message.startswith(param):
             message = f"{param}: {message}"
         if count > 1:
             message += f" (and {count - 1} more problem{'s' if count > 2 else ''})"

@@ -16,6 +16,11 @@ import numpy as np
 from dsv4jax.model.state import pytree_dataclass
 
 MAX_TOP_LOGPROBS = 20  # the most top-logprobs a request may ask for (OpenAI's limit); computed always
+INT32_MAX = 2**31 - 1  # top_k and max_tokens live in int32 arrays on the device
+# Below these, float32 logits / temperature (or / penalty) overflow to inf and the softmax turns to NaN; the
+# limit each one approaches is what is run instead (vLLM treats temperature < 1e-5 as greedy too).
+GREEDY_BELOW_TEMPERATURE = 1e-5
+MIN_REPETITION_PENALTY = 1e-6
 
 # Purposes folded into a position's key, so that one (seed, position) never reuses a random draw.
 SAMPLE, DRAFT, ACCEPT, RESIDUAL = 0, 1, 2, 3
@@ -55,10 +60,11 @@ class SamplingParams:
             value = getattr(self, field)
             return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
-        need(integer("max_tokens") and self.max_tokens >= 1, "max_tokens", "an integer ≥ 1")
+        need(integer("max_tokens") and 1 <= self.max_tokens <= INT32_MAX, "max_tokens", "an integer ≥ 1")
         need(number("temperature") and 0 <= self.temperature <= 100, "temperature", "a number in [0, 100]")
         need(number("top_p") and 0 < self.top_p <= 1, "top_p", "a number in (0, 1]")
-        need(integer("top_k") and self.top_k >= -1, "top_k", "an integer ≥ -1 (-1 or 0: off)")
+        need(integer("top_k") and -1 <= self.top_k <= INT32_MAX, "top_k",
+             f"an integer in [-1, {INT32_MAX}] (-1 or 0: off; above the vocabulary: off)")
         need(number("min_p") and 0 <= self.min_p <= 1, "min_p", "a number in [0, 1]")
         need(self.seed is None or integer("seed"), "seed", "an integer or null")
         need(isinstance(self.stop, tuple) and all(isinstance(s, str) and s for s in self.stop), "stop",
@@ -98,12 +104,15 @@ class SamplingRows:
         def column(get, dtype):
             return np.asarray([get(p) for p in rows], dtype)
 
-        return SamplingRows(temperature=column(lambda p: p.temperature, np.float32),
-                            top_k=column(lambda p: p.top_k, np.int32), top_p=column(lambda p: p.top_p, np.float32),
+        return SamplingRows(temperature=column(lambda p: p.temperature if p.temperature >= GREEDY_BELOW_TEMPERATURE
+                                               else 0.0, np.float32),
+                            top_k=column(lambda p: min(p.top_k, INT32_MAX), np.int32),
+                            # top_p in (0, 1e-38) rounds to 0 in float32, which would keep nothing: keep the top.
+                            top_p=np.maximum(column(lambda p: p.top_p, np.float32), np.finfo(np.float32).tiny),
                             min_p=column(lambda p: p.min_p, np.float32),
                             presence=column(lambda p: p.presence_penalty, np.float32),
                             frequency=column(lambda p: p.frequency_penalty, np.float32),
-                            repetition=column(lambda p: p.repetition_penalty, np.float32),
+                            repetition=column(lambda p: max(p.repetition_penalty, MIN_REPETITION_PENALTY), np.float32),
                             seed=np.asarray([s % 2**32 for s in seeds], np.uint32))
 
 

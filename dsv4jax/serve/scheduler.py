@@ -47,6 +47,7 @@ class Request:
     tokens_sent: int = 0
     prompt_sent: bool = False
     finish_reason: str | None = None
+    error: str | None = None  # why, when finish_reason is "error"
 
     @property
     def prefilling(self) -> bool:
@@ -94,8 +95,12 @@ class Scheduler:
         if self.pages_needed(request) > self.allocator.total:
             raise AdmissionError(f"the request needs {self.pages_needed(request)} cache pages but the engine has "
                                  f"{self.allocator.total}; lower max_tokens or start the engine with more pages")
-        if len(self.waiting) >= self.max_waiting:
-            raise QueueFullError(f"{len(self.waiting)} requests are already waiting; retry later")
+
+    def has_room(self, queued: int, count: int) -> bool:
+        """Whether `count` more requests fit beside `queued` not yet running: those the free slots take at the
+        next step do not wait, so they do not count against `max_waiting` (the waiting requests are the ones
+        that will wait, as `num_requests_waiting` shows them once the step has run)."""
+        return queued + count <= self.max_waiting + len(self.free_slots)
 
     def admit(self) -> list[Request]:
         """Move waiting requests (first come, first served) into free slots while pages last."""

@@ -16,7 +16,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import statistics
 import sys
 import time
@@ -161,12 +160,16 @@ def main(argv=None) -> int:
     if args.export:
         from dsv4jax.checkpoint.loader import load_model
         from dsv4jax.checkpoint.writer import save_checkpoint
+        from dsv4jax.tokenizer import write_hf_tokenizer
         from dsv4jax.train.evaluate import evaluate, evaluate_windows
 
         export = Path(args.export)
         quantize = args.quantize or args.qat
         save_checkpoint(trainer.model(state), export, quantize=quantize)
-        shutil.copy(corpus / "tokenizer.json", export / "tokenizer.json")
+        # tokenizer.json with BOS in its post-processor, and tokenizer_config.json: Hugging Face tokenizers loaded
+        # from the export count tokens as the server does (SERVING §E).
+        write_hf_tokenizer(corpus / "tokenizer.json", export, config.bos_token_id, config.eos_token_id,
+                           config.max_position_embeddings)
         summary["export"] = {"path": str(export), "quantized": quantize,
                              "bytes": sum(f.stat().st_size for f in export.iterdir())}
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
