@@ -1,5 +1,5 @@
 """The whole depth of V4-Flash on one GPU: `configs/deepseek-v4-flash-deep.json` (43 layers + MTP at real widths,
-32 routed experts so that bf16 weights fit one H200) with scanned layer groups (docs/ARCHITECTURE.md §3.1).
+32 routed experts so that bf16 weights fit one H200) with scanned layer groups (ARCHITECTURE §3.1).
 
 Phases, each saved as soon as it is measured (a run cut short by its time limit keeps what it has):
 - `init`: random weights drawn leaf by leaf on the device (bench/common.py random_params) and their bytes;

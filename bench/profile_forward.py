@@ -66,9 +66,15 @@ def op_names(hlo_text: str) -> dict[str, str]:
 
 
 def classify(op_name: str) -> tuple[str, str]:
-    """(layer, component) of an op from its name stack, e.g. 'jit(call)/layer2/attention/indexer/...'."""
+    """(layer, component) of an op from its name stack, e.g. 'jit(call)/group1/layer2/attention/indexer/...'. The
+    layers of a scanned group share one program: their ops are attributed to the group and unit position
+    ('group2/position1', ARCHITECTURE §3.1)."""
     parts = [p for p in op_name.split("/") if not p.startswith("jit(")]
-    layer = next((p for p in parts if re.fullmatch(r"layer\d+", p)), "-")
+    layer = next((p for p in parts if re.fullmatch(r"layer\d+", p)), None)
+    if layer is None:
+        group = next((p for p in parts if re.fullmatch(r"group\d+", p)), None)
+        position = next((p for p in parts if re.fullmatch(r"position\d+", p)), None)
+        layer = "/".join(p for p in (group, position) if p) or "-"
     component = next((c for c in COMPONENTS if c in parts), "other")
     return layer, component
 

@@ -54,7 +54,8 @@ class Runner:
         self.device_mesh = None if self.mesh is None else make_mesh(self.mesh, devices)
         if self._key() not in _JITTED:  # equal runners share their compiled paths
             jit = functools.partial(jax.jit, compiler_options=compiler_options)
-            _JITTED[self._key()] = (jit(self.forward_fn), jit(self.prefill_fn), jit(self.decode_fn), jit(self.mtp_forward_fn))
+            _JITTED[self._key()] = (jit(self.forward_fn), jit(self.prefill_fn), jit(self.decode_fn),
+                                    jit(self.mtp_forward_fn))
         self.forward, self.prefill, self.decode, self.mtp_forward = _JITTED[self._key()]
 
     # Equal runners (same model, mesh, kernels, options) are interchangeable, also as static arguments of a jit.
@@ -127,9 +128,8 @@ class Runner:
         return self._call(body, params, state, (ids,), (num_new,), ids.shape[1], prefill)
 
     def mtp(self, params, state: DecodeState, streams, next_ids, num_new, prefill: bool = True):
-        """The MTP module over main-model streams [B,S,n,D] paired with the next tokens [B,S] (ARCHITECTURE
-        ARCHITECTURE §12.1): (hidden, MTP streams, MTP state); under cp its prefill is split like the target's
-        (PARALLELISM §5)."""
+        """The MTP module over main-model streams [B,S,n,D] paired with the next tokens [B,S] (ARCHITECTURE §12.1):
+        (hidden, MTP streams, MTP state); under cp its prefill is split like the target's (PARALLELISM §5)."""
         def body(model, layout, state, streams, next_ids, num_new):
             return model.mtp_forward(streams, next_ids, state, num_new, layout)
 

@@ -172,3 +172,26 @@ def test_routed_experts_drop_pairs_with_expert_id_e(interp):
     with_drops = (x, jnp.where(dropped, e, experts), weights, w1, w3, w2, 1.5)
     assert _rel(moe_gmm.routed_experts_reference(*with_drops), expected) <= 1e-6
     assert _rel(moe_gmm.routed_experts_pallas(*with_drops, interpret=interp), expected) <= TOL
+
+
+def test_routed_experts_of_one_layer_of_a_stack(interp):
+    """A scanned group's experts (ARCHITECTURE §3.1): stacks [L, E, ...] and a traced layer index. The kernels read
+    that layer's experts in place (groups layer·E … of the flattened stack); both paths equal the reference on the
+    layer's own weights, dropped pairs included."""
+    layers, tokens, top_k, e, d, i = 3, 17, 2, 4, 128, 128
+    ks = jax.random.split(_key(7), 7)
+    x = jax.random.normal(ks[0], (tokens, d), jnp.bfloat16)
+    experts = jnp.argsort(jax.random.uniform(ks[1], (tokens, e)), axis=1)[:, :top_k].astype(jnp.int32)
+    experts = jnp.where(jax.random.uniform(ks[6], (tokens, top_k)) < 0.3, e, experts)  # some pairs dropped
+    weights = jax.random.uniform(ks[2], (tokens, top_k))
+    w1 = jax.random.normal(ks[3], (layers, e, i, d), jnp.bfloat16) * float(2 / np.sqrt(d))
+    w3 = jax.random.normal(ks[4], (layers, e, i, d), jnp.bfloat16) * float(2 / np.sqrt(d))
+    w2 = jax.random.normal(ks[5], (layers, e, d, i), jnp.bfloat16) * float(1 / np.sqrt(i))
+    for layer in (1, 2):
+        expected = moe_gmm.routed_experts_reference(x, experts, weights, w1[layer], w3[layer], w2[layer], 1.5)
+        reference = jax.jit(lambda index: moe_gmm.routed_experts(x, experts, weights, w1, w3, w2, 1.5,
+                                                                 implementation="reference", layer=index))
+        assert _rel(reference(layer), expected) == 0.0
+        kernels = jax.jit(lambda index: moe_gmm.routed_experts_pallas(x, experts, weights, w1, w3, w2, 1.5,
+                                                                      interpret=interp, layer=index))
+        assert _rel(kernels(layer), expected) <= TOL  # outputs NaN-poisoned: every kept row written

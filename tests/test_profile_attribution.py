@@ -29,4 +29,5 @@ def test_profiled_ops_are_attributed_to_their_layer_and_component():
     seen = {classify(names.get(hlo_op, "")) for _, hlo_op, _ in kernel_events(trace_dir)}
     assert ("layer3", "moe") in seen, seen
     assert classify("jit(call)/layer12/attention/indexer/add") == ("layer12", "indexer")
+    assert classify("jit(call)/group2/while/body/position1/moe/dot") == ("group2/position1", "moe")
     assert classify("jit(call)/add") == ("-", "other")

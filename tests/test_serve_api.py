@@ -16,6 +16,7 @@ import httpx2
 import numpy as np
 import openai
 import pytest
+from served import wait_idle
 
 ROOT = Path(__file__).resolve().parent.parent
 # Small and cheap on CPU: one prefill shape and one decode shape (two compiles at warm-up). float32 so that the
@@ -88,26 +89,6 @@ def _log_softmax(model, ids: list[int]) -> np.ndarray:
     logits = np.asarray(model.logits(ids), np.float64)
     return logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
         - logits.max(-1, keepdims=True)
-
-
-def _metrics(base: str) -> dict[str, float]:
-    values = {}
-    for line in httpx2.get(base + "/metrics").text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            values[name] = float(value)
-    return values
-
-
-def _wait_idle(base: str, timeout: float = 60.0) -> dict[str, float]:
-    deadline = time.time() + timeout
-    while True:
-        m = _metrics(base)
-        idle = (m["dsv4jax:num_requests_running"], m["dsv4jax:num_requests_waiting"],
-                m["dsv4jax:cache_pages_used"]) == (0, 0, 0)
-        if idle or time.time() > deadline:
-            return m
-        time.sleep(0.2)
 
 
 # ---- models, health, tokenize ----------------------------------------------------------------------------------
@@ -359,7 +340,7 @@ def test_malformed_requests_change_nothing(server, model_name):
     assert httpx2.get(server + "/health").json() == {"status": "ok"}
     after = httpx2.post(server + "/v1/completions", json=reference, timeout=60).json()["choices"][0]["text"]
     assert after == before
-    metrics = _wait_idle(server)
+    metrics = wait_idle(server)
     assert metrics["dsv4jax:cache_pages_used"] == 0 and metrics["dsv4jax:num_requests_running"] == 0
 
 
@@ -406,7 +387,7 @@ def test_concurrent_streams_with_disconnects(server, model_name):
     results = asyncio.run(everyone())
     assert results.count("left") <= 8
     assert all(r == "done" for i, r in enumerate(results) if i % 4), results
-    metrics = _wait_idle(server)
+    metrics = wait_idle(server)
     assert metrics["dsv4jax:num_requests_running"] == 0
     assert metrics["dsv4jax:num_requests_waiting"] == 0
     assert metrics["dsv4jax:cache_pages_used"] == 0 and metrics["dsv4jax:cache_pages_total"] > 0

@@ -25,7 +25,6 @@ from types import SimpleNamespace
 import httpx2
 import numpy as np
 import pytest
-import uvicorn
 
 import dsv4jax
 from dsv4jax.serve import engine as engine_module
@@ -34,6 +33,7 @@ from dsv4jax.serve.async_engine import AsyncEngine
 from dsv4jax.serve.engine import Engine, EngineConfig
 from dsv4jax.serve.metrics import ServerMetrics
 from dsv4jax.tokenizer import BOS_TEXT, EOS_TEXT
+from served import metrics as read_metrics, uvicorn_thread, wait_idle
 
 ROOT = Path(__file__).resolve().parent.parent
 RANDOM_MODEL = ROOT / "models" / "dsv4-random-tiny"  # the smallest model the server tests use (byte tokenizer)
@@ -93,21 +93,11 @@ def served():
     app = build_app(async_engine, model, max_model_len=MAX_MODEL_LEN)
     tracebacks = _Tracebacks()
     logging.getLogger("uvicorn.error").addHandler(tracebacks)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started and time.time() < deadline:
-        time.sleep(0.02)
     try:
-        yield SimpleNamespace(base=f"http://127.0.0.1:{port}", port=port, engine=engine, async_engine=async_engine,
-                              model=model, gate=gate, tracebacks=tracebacks)
+        with uvicorn_thread(app) as port:
+            yield SimpleNamespace(base=f"http://127.0.0.1:{port}", port=port, engine=engine,
+                                  async_engine=async_engine, model=model, gate=gate, tracebacks=tracebacks)
     finally:
-        server.should_exit = True
-        thread.join(10)
         async_engine.shutdown()
         logging.getLogger("uvicorn.error").removeHandler(tracebacks)
 
@@ -115,25 +105,6 @@ def served():
 def _post(base: str, path: str, body, timeout: float = 120) -> httpx2.Response:
     """POST a body as JSON text with ASCII escapes, so lone surrogates travel as JSON does them (\\ud800)."""
     return httpx2.post(base + path, content=json.dumps(body).encode(), headers=JSON, timeout=timeout)
-
-
-def _metrics(base: str) -> dict[str, float]:
-    values = {}
-    for line in httpx2.get(base + "/metrics").text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            values[name] = float(value)
-    return values
-
-
-def _wait_idle(base: str, timeout: float = 60.0) -> dict[str, float]:
-    deadline = time.time() + timeout
-    while True:
-        m = _metrics(base)
-        if (m["dsv4jax:num_requests_running"], m["dsv4jax:num_requests_waiting"],
-                m["dsv4jax:cache_pages_used"]) == (0, 0, 0) or time.time() > deadline:
-            return m
-        time.sleep(0.05)
 
 
 GREEDY = {"prompt": "Same answer every time?", "max_tokens": 8, "temperature": 0, "logprobs": 2}
@@ -308,7 +279,7 @@ def _fuzz_cases(rng: random.Random) -> list[tuple[str, str, str, bytes, dict, in
 def test_fuzzing_client_gets_4xx_naming_the_field_and_changes_nothing(served, seed):
     rng = random.Random(seed)
     before = _greedy(served.base)
-    metrics_before = _metrics(served.base)
+    metrics_before = read_metrics(served.base)
     cases = _fuzz_cases(rng)
     rng.shuffle(cases)
     kinds = {kind for kind, *_ in cases}
@@ -328,7 +299,7 @@ def test_fuzzing_client_gets_4xx_naming_the_field_and_changes_nothing(served, se
     assert not failures, f"{len(failures)} of {len(cases)} malformed requests were mishandled: {failures[:10]}"
     assert httpx2.get(served.base + "/health").json() == {"status": "ok"}
     assert _greedy(served.base) == before  # byte-identical after the storm
-    after = _wait_idle(served.base)
+    after = wait_idle(served.base)
     assert after["dsv4jax:cache_pages_used"] == 0 and after["dsv4jax:num_requests_failed"] == 0
     # Nothing was submitted, so nothing was abandoned or refused as busy.
     for name in ("dsv4jax:num_requests_abandoned_total", "dsv4jax:num_requests_rejected_total"):
@@ -377,7 +348,7 @@ def test_every_field_at_its_extremes_runs_through_the_engine(served):
         response = _post(served.base, "/v1/chat/completions", body)
         assert response.status_code == 200, (change, response.text[:300])
     assert httpx2.get(served.base + "/health").json() == {"status": "ok"}
-    assert _wait_idle(served.base)["dsv4jax:num_requests_failed"] == 0
+    assert wait_idle(served.base)["dsv4jax:num_requests_failed"] == 0
 
 
 # ---- isolation ----------------------------------------------------------------------------------------------
@@ -424,7 +395,7 @@ def test_a_failing_request_fails_alone_and_the_engine_goes_on(served):
     bodies = [{"prompt": f"Request {i} of three", "max_tokens": 5, "temperature": 0} for i in range(3)]
     alone = [_post(served.base, "/v1/completions", b).json()["choices"][0]["text"] for b in bodies]
     poisoned = {**bodies[1], "temperature": 0.7, "seed": POISON_SEED}
-    failed_before = _metrics(served.base)["dsv4jax:num_requests_failed"]
+    failed_before = read_metrics(served.base)["dsv4jax:num_requests_failed"]
     results = {}
 
     def send(name, body, path="/v1/completions"):
@@ -457,7 +428,7 @@ def test_a_failing_request_fails_alone_and_the_engine_goes_on(served):
     # The others in the same batch finished as they would have alone; the engine is healthy.
     assert [results[i].json()["choices"][0]["text"] for i in (0, 2)] == [alone[0], alone[2]]
     assert httpx2.get(served.base + "/health").json() == {"status": "ok"} and served.async_engine.healthy
-    metrics = _wait_idle(served.base)
+    metrics = wait_idle(served.base)
     assert metrics["dsv4jax:num_requests_failed"] == failed_before + 3 and metrics["dsv4jax:cache_pages_used"] == 0
 
     # Building a batch on the host (the OverflowError of an int32 cast) and one request's bookkeeping after the
@@ -496,7 +467,7 @@ def test_admission_never_fits_is_400_busy_is_503_and_refusals_crowd_out_nobody(s
     assert str(capacity) in error["message"]
     response = _post(served.base, "/v1/completions", {"prompt": [[0, 5]] * 400, "max_tokens": 1})
     assert response.status_code == 400 and "400 prompts" in response.json()["error"]["message"]
-    before = _metrics(served.base)
+    before = read_metrics(served.base)
 
     async def clients(count, body):
         async with httpx2.AsyncClient(base_url=served.base, timeout=120) as http:
@@ -523,7 +494,7 @@ def test_admission_never_fits_is_400_busy_is_503_and_refusals_crowd_out_nobody(s
     busy = next(a for a in answers["first"] if a.status_code == 503)
     assert busy.headers["retry-after"] == "1" and busy.json()["error"]["code"] == "queue_full"
     assert batch.status_code == 503 and batch.headers["retry-after"] == "1"
-    _wait_idle(served.base)
+    wait_idle(served.base)
     # ... and leaves nothing behind: with 2 places left, a refused batch of 4 does not take them from others.
     with served.gate.closed():
         runner = threading.Thread(target=lambda: answers.update(second=asyncio.run(clients(capacity - 2, body))))
@@ -546,14 +517,14 @@ def test_admission_never_fits_is_400_busy_is_503_and_refusals_crowd_out_nobody(s
     assert refused.status_code == 503
     assert [others[i].status_code for i in range(2)] == [200, 200]
     assert all(a.status_code == 200 for a in answers["second"])
-    after = _wait_idle(served.base)
+    after = wait_idle(served.base)
     # Refusals are counted once per HTTP request and never as abandoned.
     assert after["dsv4jax:num_requests_abandoned_total"] == before["dsv4jax:num_requests_abandoned_total"]
     assert after["dsv4jax:num_requests_rejected_total"] == before["dsv4jax:num_requests_rejected_total"] + 28 + 2
 
 
 def test_a_disconnect_is_abandoned_once(served):
-    before = _metrics(served.base)["dsv4jax:num_requests_abandoned_total"]
+    before = read_metrics(served.base)["dsv4jax:num_requests_abandoned_total"]
     with served.gate.closed():
         with pytest.raises(httpx2.TimeoutException):
             _post(served.base, "/v1/completions", {"prompt": "leaving", "max_tokens": 4}, timeout=0.5)
@@ -561,7 +532,7 @@ def test_a_disconnect_is_abandoned_once(served):
             httpx2.post(served.base + "/v1/chat/completions", timeout=0.5, json={
                 "messages": [{"role": "user", "content": "leaving"}], "max_tokens": 4, "stream": True})
         time.sleep(0.3)
-    after = _wait_idle(served.base)
+    after = wait_idle(served.base)
     assert after["dsv4jax:num_requests_abandoned_total"] == before + 2
     assert after["dsv4jax:cache_pages_used"] == 0
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -15,7 +14,6 @@ from types import SimpleNamespace
 import httpx2
 import openai
 import pytest
-import uvicorn
 
 from dsv4jax.serve.app import build_app
 from dsv4jax.serve.async_engine import AsyncEngine
@@ -23,6 +21,7 @@ from dsv4jax.serve.chat import DSML, THINK_END
 from dsv4jax.serve.engine import AdmissionError, QueueFullError, RequestOutput
 from dsv4jax.serve.metrics import ServerMetrics
 from dsv4jax.tokenizer import ByteTokenizer
+from served import uvicorn_thread
 
 TOOL_SCRIPT = (f"The user wants weather.{THINK_END}Let me check.\n\n<{DSML}tool_calls>\n"
                f'<{DSML}invoke name="get_weather">\n'
@@ -123,20 +122,10 @@ def serving(engine):
     """The app over `engine`, served by uvicorn in a thread on 127.0.0.1 (a free port)."""
     async_engine = AsyncEngine(engine, ServerMetrics()).start()
     app = build_app(async_engine, _model(), max_model_len=4096)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started and time.time() < deadline:
-        time.sleep(0.02)
     try:
-        yield f"http://127.0.0.1:{port}", async_engine
+        with uvicorn_thread(app) as port:
+            yield f"http://127.0.0.1:{port}", async_engine
     finally:
-        server.should_exit = True
-        thread.join(10)
         async_engine.shutdown()
 
 

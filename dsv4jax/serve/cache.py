@@ -4,8 +4,8 @@ compressed-row and indexer-key caches in fixed-size pages (PagedRows) handed out
 One page table serves every layer: a page covers `page_tokens` positions of a sequence, so it holds
 page_tokens / m rows of a ratio-m layer (CSA rows and indexer keys, HCA rows), each layer in its own pool.
 The fixed-size parts (window ring, compressor rings) live per slot; slot `num_slots` is a scratch slot that
-padding rows of a batch bucket point at. Every leaf is stacked over the layers of its state stack (ARCHITECTURE
-§3.1): rings [L, slots, ...], pools [L, pages, r, d_c].
+padding rows of a batch bucket point at. Every leaf is stacked over the layers of its state stack
+(ARCHITECTURE §3.1): rings [L, slots, ...], pools [L, pages, r, d_c].
 """
 
 from __future__ import annotations
