@@ -94,19 +94,27 @@ def test_scanned_equals_unscanned_logits_and_caches(models):
             assert x.shape == y.shape and rel_l2(x, y) <= 1e-6, layer
 
 
-@pytest.mark.parametrize("steps", [0, 2])
-def test_engine_greedy_tokens_equal_unscanned(models, steps):
-    """Paged pools stacked per group, with and without MTP speculation."""
+def test_engine_greedy_tokens_equal_unscanned_argmax(models):
+    """The engine on the scanned model (paged pools stacked per group, MTP speculation with 2 draft steps): every
+    generated token is the unscanned model's argmax after the tokens before it (one full forward)."""
+    scanned, flat = models
     settings = EngineConfig(max_running_requests=4, max_model_len=384, page_tokens=128, prefill_chunk=64,
                             prefill_buckets=(64,), max_prefill_rows=4, prefill_row_buckets=(4,), decode_buckets=(4,),
-                            speculative_steps=steps)
+                            speculative_steps=2)
     rng = np.random.default_rng()
     prompts = [rng.integers(3, CFG.vocab_size, size=n).tolist() for n in (1, 70, 150)]
-    greedy = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
-    outputs = [Engine(Model(model, name=name), settings).generate(prompts, greedy)
-               for model, name in zip(models, ("scanned", "unscanned"))]
-    for a, b in zip(*outputs):
-        assert len(a.token_ids) == 40 and a.token_ids == b.token_ids
+    outputs = Engine(Model(scanned, name="scanned"), settings).generate(
+        prompts, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))
+    ids = np.zeros((len(prompts), 256), np.int32)
+    for row, (prompt, out) in enumerate(zip(prompts, outputs)):
+        assert len(out.token_ids) == 40
+        ids[row, :len(prompt) + 40] = prompt + out.token_ids
+    graphdef, params = nnx.split(flat)
+    logits, _, _ = Runner(graphdef, kernels="reference").forward(
+        params, init_state(FLAT, len(prompts), 256), jnp.asarray(ids), jnp.full((len(prompts),), 256, jnp.int32))
+    for row, (prompt, out) in enumerate(zip(prompts, outputs)):
+        positions = np.arange(len(prompt) - 1, len(prompt) + 39)
+        assert np.asarray(logits[row, positions]).argmax(-1).tolist() == out.token_ids
 
 
 def test_checkpoint_round_trip_keeps_per_layer_names(models, tmp_path):
@@ -124,3 +132,22 @@ def test_checkpoint_round_trip_keeps_per_layer_names(models, tmp_path):
     for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(loaded)), nnx.to_flat_state(nnx.state(scanned))):
         np.testing.assert_array_equal(a.get_value(), b.get_value(), err_msg=str(path))
     assert loaded.config == CFG
+
+
+@pytest.mark.parametrize("mesh", ["cp=2,ep=2"])
+def test_scanned_over_a_mesh_equals_one_device(models, mesh):
+    """The scan inside the runner's shard_map: prefill split over cp (collectives inside the scan body), experts
+    split over the MoE axes, stacked caches placed with their batch over dp."""
+    scanned, _ = models
+    graphdef, params = nnx.split(scanned)
+    rng = np.random.default_rng()
+    ids = jnp.asarray(rng.integers(0, CFG.vocab_size, (2, 64)), jnp.int32)
+    num_new = jnp.array([64, 41])
+    local = Runner(graphdef, kernels="reference")
+    expected, _, expected_state = local.forward(params, init_state(CFG, 2, 128), ids, num_new)
+    runner = Runner(graphdef, mesh, jax.devices()[:4], kernels="reference")
+    logits, _, state = runner.forward(runner.place_params(params), runner.place_state(init_state(CFG, 2, 128)),
+                                      ids, num_new)
+    assert rel_l2(logits, expected) <= 1e-5
+    for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(expected_state)):  # some rows are still all zero
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-5 * float(np.abs(y).max()))

@@ -1,6 +1,7 @@
 """Training: the loss falls on a small config, stop-and-resume through orbax is bit-identical, the
 auxiliary-loss-free bias update evens the expert loads, and the QAT fake quantization is the shipped format."""
 
+import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,8 +30,8 @@ def _trainer(steps, gamma):
 
 
 def _biases(trainer, state):
-    return {layer: np.asarray(state["params"][layer[0]][layer[1]]["ffn"]["gate"]["bias"][...])
-            for layer in trainer.bias_layers}
+    return {layer: np.asarray(functools.reduce(lambda tree, key: tree[key], layer, state["params"])
+                              ["gate"]["bias"][...]) for layer in trainer.bias_layers}
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def test_loss_falls_bias_balances_and_resume_is_exact(tokens, tmp_path):
     assert last < 0.7 * first, (first, last)
     assert all(np.isfinite(h["mtp_loss"]) and h["mtp_loss"] > 0 for h in history)
     # The MTP layer routes by score too: its bias is balanced with the main layers'.
-    assert ("mtp", 0, "ffn") in trainer.bias_layers and ("layers", 0, "ffn") not in trainer.bias_layers
+    assert ("mtp", 0, "ffn") in trainer.bias_layers and ("groups", 0, "blocks", 0, "ffn") not in trainer.bias_layers
 
     # The same run without the balancing update: its biases never move (no gradient, no weight decay), and its
     # loads stay less even than with the update.

@@ -68,7 +68,7 @@ def learning_rate(train: TrainConfig, step: int) -> float:
 
 
 def _names(key_path) -> tuple:
-    """A pytree key path of an nnx.State leaf -> its module path, e.g. ('layers', 1, 'ffn', 'gate', 'bias')."""
+    """A pytree key path of an nnx.State leaf -> its module path, e.g. ('groups', 1, 'blocks', 0, 'ffn', 'gate', 'bias')."""
     return tuple(k.key for k in key_path if isinstance(k, jax.tree_util.DictKey))
 
 
@@ -146,6 +146,9 @@ class Trainer:
     """Holds the graph definitions and the jitted step; the state it trains is (params, opt_state, step)."""
 
     def __init__(self, config: ModelConfig, train: TrainConfig):
+        # Unscanned layers (ARCHITECTURE §3.1): the bias balancing reads each MoE layer's recorded selections, which
+        # a layer inside a scan cannot record.
+        config = config.replace(scan_layers=False)
         self.config = config.replace(dtype="float32")
         self.train = train
         self.compute_config = config.replace(dtype=train.compute_dtype)
