@@ -1,8 +1,8 @@
 """Checkpoint tensor names (ARCHITECTURE §13) and where each lands in the model's parameter tree.
 
 Our parameter paths follow the official names, with four differences handled here:
-- main layers live in layer groups (ARCHITECTURE §3.1): `groups.G.blocks.J.…` ⇔ `layers.L.…`, stacked on a leading
-  axis over the group's repetitions when it has several (`checkpoint_layout` / `model_layout`);
+- main layers live in layer groups (ARCHITECTURE §3.1): `groups.G.blocks.J.…` ⇔ `layers.L.…`, stacked on a
+  leading axis over the group's repetitions when it has several (`checkpoint_layout` / `model_layout`);
 - hyper-connection params are grouped: `layers.L.hc_attn.fn` ⇔ `layers.L.hc_attn_fn` (also hc_ffn, hc_head);
 - the compressor projections are plain params: `…compressor.wkv` ⇔ `…compressor.wkv.weight`, and `head` ⇔ `head.weight`;
 - routed experts are stacked: `ffn.experts.w1` [E, I, D] ⇔ `ffn.experts.{e}.w1.weight` for every e.
@@ -126,8 +126,8 @@ def checkpoint_layout(config, flat: dict[str, Any], take: Callable[[Any, int], A
 
 def model_layout(config, flat: dict[str, Any], stack: Callable[[str, list], Any]) -> dict[str, Any]:
     """The inverse of `checkpoint_layout`: `stack(path, values)` joins a stacked parameter's repetitions."""
-    where = {group.layer(r, j): (g, j, r, group.repeats)
-             for g, group in enumerate(config.layer_groups()) for r in range(group.repeats) for j in range(group.period)}
+    where = {group.layer(r, j): (g, j, r, group.repeats) for g, group in enumerate(config.layer_groups())
+             for r in range(group.repeats) for j in range(group.period)}
     out, parts = {}, {}
     for path, value in flat.items():
         m = _LAYER_PATH.match(path)

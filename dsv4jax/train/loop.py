@@ -68,7 +68,8 @@ def learning_rate(train: TrainConfig, step: int) -> float:
 
 
 def _names(key_path) -> tuple:
-    """A pytree key path of an nnx.State leaf -> its module path, e.g. ('groups', 1, 'blocks', 0, 'ffn', 'gate', 'bias')."""
+    """A pytree key path of an nnx.State leaf -> its module path, e.g. ('groups', 1, 'blocks', 0, 'ffn', 'gate',
+    'bias')."""
     return tuple(k.key for k in key_path if isinstance(k, jax.tree_util.DictKey))
 
 
