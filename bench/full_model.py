@@ -54,7 +54,7 @@ from flax import nnx  # noqa: E402
 from bench.common import device_slug, plain_init, write_results  # noqa: E402
 from dsv4jax import quant  # noqa: E402
 from dsv4jax.checkpoint.loader import read_host_params  # noqa: E402
-from dsv4jax.checkpoint.names import checkpoint_layout, official_names, path_key  # noqa: E402
+from dsv4jax.checkpoint.names import checkpoint_layout, flat_values, official_names  # noqa: E402
 from dsv4jax.checkpoint.safetensors_io import DTYPES, INDEX_FILENAME  # noqa: E402
 from dsv4jax.checkpoint.writer import FP8_LINEAR, FP32_TENSOR, ROUTED_EXPERT  # noqa: E402
 from dsv4jax.config import load_config, save_config  # noqa: E402
@@ -105,8 +105,7 @@ def plan_checkpoint(config) -> tuple[list[tuple[str, list[Tensor]]], nnx.GraphDe
     """[(file name, tensors)] in the official naming, as `save_checkpoint(quantize=True)` would write them."""
     graphdef, abstract = abstract_model(config)
     groups: dict[str, list[Tensor]] = {}
-    flat = {path_key(path): var.get_value() for path, var in nnx.to_flat_state(abstract)}
-    per_layer = checkpoint_layout(config, flat,
+    per_layer = checkpoint_layout(config, flat_values(abstract),
                                   lambda stacked, _: jax.ShapeDtypeStruct(stacked.shape[1:], stacked.dtype))
     for key, value in per_layer.items():
         for name, expert in official_names(key, value.shape[0] if value.shape else 0):

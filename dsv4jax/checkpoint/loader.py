@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 
 from dsv4jax import quant
 from dsv4jax.checkpoint.errors import CheckpointError
-from dsv4jax.checkpoint.names import (HF_STACKED_EXPERTS, checkpoint_layout, hf_to_official, is_hf_naming,
-                                      model_layout, official_names, param_target, path_key)
+from dsv4jax.checkpoint.names import (HF_STACKED_EXPERTS, checkpoint_layout, filled, flat_values, hf_to_official,
+                                      is_hf_naming, model_layout, official_names, param_target)
 from dsv4jax.checkpoint.safetensors_io import DTYPES, SafetensorsFile, read_index
 from dsv4jax.config import ModelConfig, load_config
 
@@ -39,8 +39,8 @@ def _abstract_params(config: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
 
 def _flat_targets(state: nnx.State, config: ModelConfig) -> dict[str, jax.ShapeDtypeStruct]:
     """The shapes to fill, by checkpoint-layout path (one per layer, names.checkpoint_layout)."""
-    flat = {path_key(path): var.get_value() for path, var in nnx.to_flat_state(state)}
-    return checkpoint_layout(config, flat, lambda target, _: jax.ShapeDtypeStruct(target.shape[1:], target.dtype))
+    return checkpoint_layout(config, flat_values(state),
+                             lambda target, _: jax.ShapeDtypeStruct(target.shape[1:], target.dtype))
 
 
 class _Assembler:
@@ -387,8 +387,7 @@ def read_host_params(path: str | os.PathLike, dtype: str | None = None, progress
     config, graphdef, state = abstract_for_checkpoint(directory, dtype, **overrides)
     values = read_checkpoint(directory, config, _flat_targets(state, config), progress)
     values = model_layout(config, values, lambda _, parts: np.stack(parts))
-    flat = [(path, var.replace(values[path_key(path)])) for path, var in nnx.to_flat_state(state)]
-    return config, graphdef, nnx.from_flat_state(flat)
+    return config, graphdef, filled(state, values)
 
 
 def load_model(path: str | os.PathLike, dtype: str | None = None, progress: bool = True, **overrides):

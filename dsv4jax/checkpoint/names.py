@@ -24,6 +24,21 @@ def path_key(path: tuple) -> str:
     return ".".join(str(k) for k in path)
 
 
+def flat_values(state) -> dict[str, Any]:
+    """An NNX state -> {parameter path: value}."""
+    from flax import nnx
+
+    return {path_key(path): var.get_value() for path, var in nnx.to_flat_state(state)}
+
+
+def filled(abstract, values: dict[str, Any]):
+    """An (abstract) NNX state with every variable's value taken from `values` by parameter path."""
+    from flax import nnx
+
+    flat = nnx.to_flat_state(abstract)
+    return nnx.from_flat_state([(path, var.replace(values[path_key(path)])) for path, var in flat])
+
+
 def official_names(param_path: str, num_experts: int) -> list[tuple[str, int | None]]:
     """Checkpoint names that fill one parameter: [(name, expert index or None)]."""
     m = _HC_PARAM.match(param_path)

@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from dsv4jax import quant
-from dsv4jax.checkpoint.names import checkpoint_layout, official_names, path_key
+from dsv4jax.checkpoint.names import checkpoint_layout, flat_values, official_names
 from dsv4jax.checkpoint.safetensors_io import save_file
 from dsv4jax.config import save_config
 
@@ -28,8 +28,7 @@ FP32_TENSOR = re.compile(r"(hc_(attn|ffn|head)_(fn|base|scale)|attn_sink|\.ape|g
 
 def official_tensors(model: nnx.Module, quantize: bool) -> dict[str, np.ndarray]:
     tensors: dict[str, np.ndarray] = {}
-    flat = {path_key(path): np.asarray(var.get_value())
-            for path, var in nnx.to_flat_state(nnx.state(model, nnx.Not(nnx.Intermediate)))}
+    flat = {key: np.asarray(value) for key, value in flat_values(nnx.state(model, nnx.Not(nnx.Intermediate))).items()}
     for key, value in checkpoint_layout(model.config, flat, lambda stacked, r: stacked[r]).items():
         for name, expert in official_names(key, value.shape[0] if value.ndim else 0):
             tensor = value if expert is None else value[expert]

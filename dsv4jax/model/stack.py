@@ -64,26 +64,28 @@ class LayerStack(nnx.Module):
                  states: tuple[LayerState, ...], layout: TokenLayout) -> tuple[jax.Array, tuple[LayerState, ...]]:
         """streams [B,S,n,D] through the group's layers; `states`: one stacked LayerState per unit position."""
         if self.group.repeats == 1:
-            new_states = []
-            for j, (block, state) in enumerate(zip(self.blocks, states)):
-                with jax.named_scope(f"layer{self.group.layer(0, j)}"):
-                    streams, state = block(streams, ids, start, num_new, state.at(0), layout)
-                new_states.append(state.stacked())
-            return streams, tuple(new_states)
+            scopes = [f"layer{self.group.layer(0, j)}" for j in range(self.group.period)]
+            return _run_unit(self.blocks, streams, ids, start, num_new, states, layout, 0, None, scopes)
 
         graphdef, experts, scanned = nnx.split(self.blocks, is_routed_expert, ...)
+        scopes = [f"position{j}" for j in range(self.group.period)]
 
         def step(carry, inputs):
-            streams, states = carry
-            params, layer = inputs
+            (streams, states), (params, layer) = carry, inputs
             blocks = nnx.merge(graphdef, experts, params)
-            new_states = []
-            for j, (block, state) in enumerate(zip(blocks, states)):
-                with jax.named_scope(f"position{j}"):
-                    streams, state = block(streams, ids, start, num_new, state.at(layer), layout, layer)
-                new_states.append(state.stacked())
-            return (streams, tuple(new_states)), None
+            return _run_unit(blocks, streams, ids, start, num_new, states, layout, layer, layer, scopes), None
 
         layers = jnp.arange(self.group.repeats, dtype=jnp.int32)
         (streams, states), _ = jax.lax.scan(step, (streams, tuple(states)), (scanned, layers))
         return streams, states
+
+
+def _run_unit(blocks, streams, ids, start, num_new, states, layout, layer, experts_layer, scopes):
+    """One repetition of a unit: block j on layer `layer` of stacked state j (`experts_layer`: the routed experts'
+    stack index, None when the blocks hold one layer's experts)."""
+    new_states = []
+    for block, state, scope in zip(blocks, states, scopes):
+        with jax.named_scope(scope):
+            streams, state = block(streams, ids, start, num_new, state.at(layer), layout, experts_layer)
+        new_states.append(state.stacked())
+    return streams, tuple(new_states)

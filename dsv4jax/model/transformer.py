@@ -57,15 +57,13 @@ class DeepseekV4(nnx.Module):
 
     def with_scan_layers(self, scan_layers: bool) -> "DeepseekV4":
         """The same model with its layers grouped for `scan_layers` (ARCHITECTURE §3.1): same values, other layout."""
-        from dsv4jax.checkpoint.names import checkpoint_layout, model_layout, path_key
+        from dsv4jax.checkpoint.names import checkpoint_layout, filled, flat_values, model_layout
 
         config = self.config.replace(scan_layers=scan_layers)
         graphdef, abstract = nnx.split(nnx.eval_shape(lambda: DeepseekV4(config, nnx.Rngs(0))))
-        flat = {path_key(path): var.get_value() for path, var in nnx.to_flat_state(nnx.state(self))}
-        per_layer = checkpoint_layout(self.config, flat, lambda stacked, r: stacked[r])
+        per_layer = checkpoint_layout(self.config, flat_values(nnx.state(self)), lambda stacked, r: stacked[r])
         values = model_layout(config, per_layer, lambda _, parts: jnp.stack(parts))
-        return nnx.merge(graphdef, nnx.from_flat_state(
-            [(path, var.replace(values[path_key(path)])) for path, var in nnx.to_flat_state(abstract)]))
+        return nnx.merge(graphdef, filled(abstract, values))
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """fp32 logits from final hidden states (ARCHITECTURE §3: head weight upcast to fp32)."""

@@ -23,7 +23,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from dsv4jax.checkpoint.names import checkpoint_layout, model_layout, path_key
+from dsv4jax.checkpoint.names import checkpoint_layout, filled, flat_values, model_layout
 
 from dsv4jax.config import ModelConfig
 from dsv4jax.sharding.mesh import MeshConfig
@@ -78,11 +78,9 @@ def load_sharded(path: str | os.PathLike, mesh: MeshConfig, device_mesh, dtype: 
     mesh.check_model(config)
     targets = _flat_targets(abstract, config)  # by checkpoint-layout path: one per layer
     plan = plan_checkpoint(path, config, targets)  # every name/shape error before any transfer
-    stacked_shardings = {path_key(p): v.get_value()
-                         for p, v in nnx.to_flat_state(param_shardings(abstract, mesh, device_mesh))}
+    stacked_shardings = flat_values(param_shardings(abstract, mesh, device_mesh))
     shardings = checkpoint_layout(config, stacked_shardings,
                                   lambda sharding, _: NamedSharding(sharding.mesh, P(*sharding.spec[1:])))
-    flat = nnx.to_flat_state(abstract)
     # Largest first, so that the long transfers overlap the many small ones.
     order = sorted(targets, key=lambda k: -math.prod(targets[k].shape) * np.dtype(targets[k].dtype).itemsize)
     arrays = {}
@@ -99,7 +97,7 @@ def load_sharded(path: str | os.PathLike, mesh: MeshConfig, device_mesh, dtype: 
         return stacked
 
     arrays = model_layout(config, arrays, stack)
-    return config, graphdef, nnx.from_flat_state([(p, v.replace(arrays[path_key(p)])) for p, v in flat])
+    return config, graphdef, filled(abstract, arrays)
 
 
 class _NotExact(Exception):
