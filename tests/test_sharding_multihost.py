@@ -28,7 +28,8 @@ def test_two_processes_match_one_process(tmp_path):
     out = tmp_path / "logits.npy"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # each process sets its 4 CPU devices
     command = [sys.executable, "-m", "dsv4jax.sharding.multihost", "--coordinator", f"127.0.0.1:{free_port()}",
-               "--num-processes", "2", "--local-devices", "4", "--mesh", MESH, "--config", CONFIG, "--out", str(out)]
+               "--num-processes", "2", "--local-devices", "4", "--mesh", MESH, "--config", CONFIG, "--out", str(out),
+               "--heartbeat-timeout", "600"]  # CI runs this beside another test worker on 2 cores
     processes = [subprocess.Popen(command + ["--process-id", str(i)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True) for i in range(2)]
     logs = [p.communicate(timeout=300)[0] for p in processes]

@@ -25,14 +25,20 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 
-def initialize(coordinator: str, num_processes: int, process_id: int, local_cpu_devices: int | None = None) -> None:
-    """Call before anything else touches JAX. `local_cpu_devices`: fake CPU devices per process (tests)."""
+def initialize(coordinator: str, num_processes: int, process_id: int, local_cpu_devices: int | None = None,
+               heartbeat_timeout_s: int = 100) -> None:
+    """Call before anything else touches JAX. `local_cpu_devices`: fake CPU devices per process (tests).
+
+    `heartbeat_timeout_s`: how long the coordinator waits for a silent process before it stops them all; on an
+    overloaded host (a CI machine compiling for several processes on 2 cores) JAX's 100 s default can expire
+    although every process is alive.
+    """
     if local_cpu_devices:
         jax.config.update("jax_num_cpu_devices", local_cpu_devices)
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if num_processes > 1:
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                                   process_id=process_id)
+                                   process_id=process_id, heartbeat_timeout_seconds=heartbeat_timeout_s)
 
 
 def replicated(tree, device_mesh):
@@ -80,13 +86,16 @@ def main(argv=None) -> None:
     parser.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "..", "..", "configs",
                                                          "test-tiny.json"))
     parser.add_argument("--out", default=None, help="process 0 writes the logits here (.npy)")
+    parser.add_argument("--heartbeat-timeout", type=int, default=100, help="seconds (jax.distributed)")
     args = parser.parse_args(argv)
-    initialize(args.coordinator, args.num_processes, args.process_id, args.local_devices)
+    initialize(args.coordinator, args.num_processes, args.process_id, args.local_devices, args.heartbeat_timeout)
     logits = demo_prefill_logits(args.mesh, args.config, cp_mode=args.cp_mode)
     print(f"process {jax.process_index()}/{jax.process_count()}: {jax.device_count()} devices, "
           f"logits {logits.shape}, checksum {float(np.sum(logits.astype(np.float64))):.6f}", flush=True)
     if args.out and jax.process_index() == 0:
         np.save(args.out, logits)
+    if args.num_processes > 1:
+        jax.distributed.shutdown()  # every process leaves together (a barrier), not one by one at exit
 
 
 if __name__ == "__main__":
