@@ -113,6 +113,52 @@ def test_no_recompilation_under_mixed_traffic(speculative_engines):
     assert engine.stats()["pages_used"] == 0
 
 
+@pytest.mark.parametrize("steps", [0, 2])
+def test_overlap_reads_each_step_back_while_the_next_runs_and_changes_no_token(speculative_engines, prompts,
+                                                                               steps):
+    """With overlap the host reads step N back only once step N+1 is dispatched (SERVING §D.5): every read has
+    a step in flight, and the tokens, logprobs, texts and finish reasons equal
+    those read back one step at a time, with stops by token and by length ending requests mid-batch."""
+    engine = speculative_engines(steps)
+    rng = np.random.default_rng()
+    sampling = [SamplingParams(max_tokens=int(rng.integers(1, 40)), temperature=float(t), seed=int(seed),
+                               ignore_eos=True, logprobs=0) for t, seed in zip(rng.choice([0.0, 0.9], 8),
+                                                                                rng.integers(1000, size=8))]
+    plain = dataclasses.replace(engine.config, overlap=False)
+    overlapped = engine.config
+    assert overlapped.overlap
+    in_flight = []
+    collect = engine._collect
+
+    def spy(dispatched, touched):
+        in_flight.append((engine.counters["steps"], len(engine._in_flight)))
+        return collect(dispatched, touched)
+
+    engine._collect = spy
+    try:
+        engine.config = plain
+        free = engine.generate(prompts, sampling)
+        # Stop at a token each request really emits, for half of them.
+        sampling = [dataclasses.replace(s, stop_token_ids=(out.token_ids[len(out.token_ids) // 2],)) if i % 2 else s
+                    for i, (s, out) in enumerate(zip(sampling, free))]
+        one_at_a_time = engine.generate(prompts, sampling)
+        assert all(n == 0 for _, n in in_flight)
+        in_flight.clear()
+        engine.config = overlapped
+        outputs = engine.generate(prompts, sampling)
+    finally:
+        engine.config = overlapped
+        del engine._collect
+    # generate() returns once the last request has finished, which it learns while the next step runs.
+    assert all(n > 0 for _, n in in_flight) and len(in_flight) > 10, in_flight
+    assert any(out.finish_reason == "stop" for out in outputs)
+    for a, b in zip(outputs, one_at_a_time):
+        assert (a.token_ids, a.logprobs, a.text, a.finish_reason) == (b.token_ids, b.logprobs, b.text,
+                                                                      b.finish_reason)
+    assert engine.stats()["pages_used"] == 0
+    assert engine.step() == [] and not engine.has_unfinished()  # the last, spare step read back
+
+
 def test_rejection_sampling_keeps_the_target_distribution():
     """Chi-square on the first two emitted tokens over a 5-token vocabulary: speculative sampling with a
     poor draft (two rounds when the first draft is rejected) vs the target's own chain p(a | x) p(b | a)."""

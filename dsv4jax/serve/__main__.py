@@ -47,7 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--default-chat-template-kwargs", default=None,
                         help='chat defaults as JSON, e.g. \'{"thinking": true}\' (SERVING §D.2)')
     compilation_cache.add_argument(parser)
-    parser.add_argument("--no-warmup", action="store_true", help="skip compiling every shape before serving")
+    parser.add_argument("--warmup", choices=["background", "full", "none"], default="background",
+                        help="compiling the shape buckets (SERVING §D.4): serve at once and compile them behind "
+                        "the first requests, the ones those need first (background); compile every one before "
+                        "serving (full: no request ever waits on a compile); or only as requests need them (none)")
+    parser.add_argument("--no-warmup", dest="warmup", action="store_const", const="none", help=argparse.SUPPRESS)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -112,14 +116,14 @@ def main(argv=None) -> int:
         runner = model.runner(mesh if mesh is not None and mesh.size > 1 else None, kernels=args.kernels)
         engine = Engine(model, config, runner=runner)
         print(f"loaded {model.name} in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
-        if not args.no_warmup:
+        def report(record):
+            stage = f"compiled in {record['compile_s']:.1f}s" if "compile_s" in record else \
+                f"lowered in {record['lower_s']:.1f}s, compiling"
+            print(f"  {record['bucket']}: {stage}", file=sys.stderr, flush=True)
+
+        if args.warmup == "full":
             start = time.perf_counter()
             print("compiling every shape bucket (warm-up) ...", file=sys.stderr, flush=True)
-            def report(record):
-                stage = f"compiled in {record['compile_s']:.1f}s" if "compile_s" in record else \
-                    f"lowered in {record['lower_s']:.1f}s, compiling"
-                print(f"  {record['bucket']}: {stage}", file=sys.stderr, flush=True)
-
             compiled = engine.warmup(report=report)
             print(f"warm-up done in {time.perf_counter() - start:.1f}s ({len(compiled)} shape buckets)",
                   file=sys.stderr, flush=True)
@@ -129,6 +133,10 @@ def main(argv=None) -> int:
 
     metrics = ServerMetrics()
     async_engine = AsyncEngine(engine, metrics).start()
+    if args.warmup == "background":
+        print(f"compiling {len(engine.bucket_keys())} shape buckets behind the first requests (warm-up)",
+              file=sys.stderr, flush=True)
+        engine.warmup_in_background(report=report)
     names = [args.served_model_name] if args.served_model_name else [model.name]
     app = build_app(async_engine, model, served_names=names, max_model_len=args.max_model_len,
                     default_thinking=bool(template_defaults.get("thinking", False)))

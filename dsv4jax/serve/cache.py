@@ -58,6 +58,10 @@ class EngineCaches:
     last_streams: jax.Array | None  # [slots+1, n, D] target streams at each sequence's last processed position
     counts: jax.Array  # [slots+1, V] int32 generated-token counts (presence / frequency penalties)
     seen: jax.Array  # [slots+1, V] bool prompt ∪ generated tokens (repetition penalty)
+    # Each slot's committed length and its next token (sampled, not yet processed). Decode steps read them here,
+    # not from the host, so a step can be dispatched before the previous one is read back (SERVING §D.5).
+    lengths: jax.Array  # [slots+1] int32
+    pending: jax.Array  # [slots+1] int32
 
 
 def _paged(state: DecodeState, config: ModelConfig, mtp: bool, num_pages: int, page_tokens: int) -> DecodeState:
@@ -88,7 +92,8 @@ def init_caches(config: ModelConfig, num_slots: int, num_pages: int, page_tokens
         last_streams = jnp.zeros((slots, config.hc_mult, config.hidden_size), jnp.dtype(config.dtype))
     return EngineCaches(target=target, mtp=mtp, last_streams=last_streams,
                         counts=jnp.zeros((slots, config.vocab_size), jnp.int32),
-                        seen=jnp.zeros((slots, config.vocab_size), bool))
+                        seen=jnp.zeros((slots, config.vocab_size), bool),
+                        lengths=jnp.zeros((slots,), jnp.int32), pending=jnp.zeros((slots,), jnp.int32))
 
 
 def _map_layers(state: DecodeState, per_slot, pooled) -> DecodeState:
@@ -105,7 +110,7 @@ def _map_layers(state: DecodeState, per_slot, pooled) -> DecodeState:
 
 def gather_slots(state: DecodeState, slots: jax.Array, starts: jax.Array, tables: jax.Array) -> DecodeState:
     """The model-ready state of a batch: rows `slots` of every ring, the shared pools behind the batch's page
-    tables, and the host's lengths (the host owns lengths, which makes a speculative rollback free)."""
+    tables, and lengths `starts` (given per step, not read from the state: a speculative rollback is free)."""
     batch = _map_layers(state, lambda a: a[:, slots], lambda pool: PagedRows(pool=pool, table=tables))
     return dataclasses.replace(batch, lengths=starts)
 

@@ -5,10 +5,11 @@ sampling, and MTP speculative decoding.
     engine.warmup()                                   # compiles every shape bucket once
     completions = engine.generate(["def main(", "import "], SamplingParams(max_tokens=64, temperature=0))
 
-Each `step()` admits waiting requests, runs one prefill chunk for the oldest prefilling requests and one decode
-(or speculative) step for the others, and returns what each request produced. Device work is a handful of
-ahead-of-time compiled executables, one per shape bucket (rows × chunk length); steady state compiles nothing.
-`submit` and `abort` may be called from other threads; `step` from one thread only.
+Each `step()` admits waiting requests, dispatches one prefill chunk for the oldest prefilling requests and one
+decode (or speculative) step for the others, then reads the previous step back (overlap, SERVING §D.5)
+and returns what each request produced. Device work is a handful of ahead-of-time compiled executables, one per
+shape bucket (rows × chunk length); steady state compiles nothing. `submit` and `abort` may be called from other
+threads; `step` from one thread only.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class EngineConfig:
     speculative_steps: int = 0  # MTP drafts per step (0: off, 1–3)
     max_waiting_requests: int = 256
     prompt_logprobs: bool = True  # compile prefill with per-token prompt logprobs (echo); False skips that LM head
+    overlap: bool = True  # dispatch each step before reading the previous one back (SERVING §D.5)
     seed: int = 0  # seeds requests that give none
 
     def validate(self, model_config) -> None:
@@ -158,6 +160,10 @@ class Engine:
         self.prefill_row_buckets = config.row_buckets(config.prefill_rows, config.prefill_row_buckets)
         self.chunk_buckets = config.chunk_buckets()
         self._executables: dict[tuple, object] = {}
+        self._in_flight: list[_Dispatched] = []  # dispatched by the last step, read back by the next
+        self._dispatching: list[_Dispatched] = []
+        self._compiling: dict[tuple, concurrent.futures.Future] = {}  # claimed by `step` or a warm-up thread
+        self._compile_lock = threading.Lock()
         self._inbox: list[Request] = []
         self._aborts: list[str] = []
         self._lock = threading.Lock()
@@ -230,45 +236,74 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         with self._lock:
-            return bool(self._inbox or self._aborts or self.scheduler.waiting or self.scheduler.running)
+            return bool(self._inbox or self._aborts or self.scheduler.waiting or self.scheduler.running
+                        or self._in_flight)
 
     def stats(self) -> dict:
         allocator = self.scheduler.allocator
         return dict(running=len(self.scheduler.running), waiting=len(self.scheduler.waiting) + len(self._inbox),
                     pages_used=allocator.total - allocator.free, pages_total=allocator.total,
-                    compiles=self.compiles, **self.counters)
+                    compiles=self.compiles, buckets_total=len(self.decode_buckets) +
+                    len(self.prefill_row_buckets) * len(self.chunk_buckets), **self.counters)
+
+    def bucket_keys(self) -> list[tuple]:
+        """Every shape bucket this engine can use, in the order a cold server needs them: what a first short
+        request runs (one prompt row, the shortest chunk, then decode of one), then the rest smallest first."""
+        prefill = [("prefill", rows, chunk) for rows in self.prefill_row_buckets for chunk in self.chunk_buckets]
+        decode = [("decode", rows, None) for rows in self.decode_buckets]
+        first = [prefill[0], decode[0]]
+        rest = sorted((key for key in prefill + decode if key not in first), key=lambda key: (key[1], key[2] or 1))
+        return first + rest
 
     def warmup(self, threads: int | None = None, report=None) -> list[dict]:
         """Compile every bucket this engine can use, so that serving never compiles. Buckets are lowered one by
         one (tracing holds the GIL) and compiled in `threads` threads at once (XLA compiles without it; default:
-        all of them, bounded by half the cores). Returns one record per bucket compiled now: {"bucket", "lower_s",
-        "compile_s"}; `report(record)` is called as each is lowered and again when it has compiled."""
-        keys = [("prefill", rows, chunk) for rows in self.prefill_row_buckets for chunk in self.chunk_buckets]
-        keys += [("decode", rows, None) for rows in self.decode_buckets]
-        keys = [key for key in keys if key not in self._executables]
+        all of them, bounded by half the cores). Returns one record per bucket compiled by this call: {"bucket",
+        "lower_s", "compile_s"}; `report(record)` is called as each is lowered and again when it has compiled.
+        A bucket that `step` (or another warm-up) is compiling already is waited for, never compiled twice."""
         report = report or (lambda record: None)
-
-        def compile_one(record, lowered):
-            began = time.perf_counter()
-            executable = lowered.compile()
-            record["compile_s"] = time.perf_counter() - began
-            report(record)
-            return executable
-
-        records, running = [], []
-        threads = threads or max(1, min(len(keys), (os.cpu_count() or 2) // 2))
+        keys = [key for key in self.bucket_keys() if key not in self._executables]
+        threads = max(1, threads or min(len(keys), (os.cpu_count() or 2) // 2))
+        records, compiles, waited = [], [], []
         with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-            for kind, rows, chunk in keys:
-                record = {"bucket": f"{kind}-{rows}x{chunk or 1}"}
-                began = time.perf_counter()
-                lowered = self.lower(kind, rows, chunk)
-                record["lower_s"] = time.perf_counter() - began
+            for key in keys:
+                # Claim and lower the next bucket only once a compile thread is free: a bucket claimed early would
+                # make a step that needs it wait behind the whole queue.
+                pending = [f for f in compiles if not f.done()]
+                if len(pending) >= threads:
+                    concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+                future, mine = self._claim(key)
+                if not mine:
+                    waited.append(future)
+                    continue
+                record = {"bucket": _bucket_name(key)}
+                try:
+                    began = time.perf_counter()
+                    lowered = self.lower(*key)
+                    record["lower_s"] = time.perf_counter() - began
+                except BaseException as error:
+                    self._settle(key, future, error=error)
+                    raise
                 report(record)
                 records.append(record)
-                running.append(((kind, rows, chunk), pool.submit(compile_one, record, lowered)))
-            for key, future in running:
-                self._executables[key] = future.result()
+                compiles.append(pool.submit(self._finish_compile, key, future, lowered, record, report))
+            for done in compiles + waited:
+                done.result()
         return records
+
+    def warmup_in_background(self, threads: int = 1, report=None) -> threading.Thread:
+        """Start `warmup` on a daemon thread and return it: the engine serves at once, a request whose bucket is
+        not ready compiles it (or waits for the warm-up compiling it), and the warm-up goes on with the rest in
+        `bucket_keys` order (SERVING §D.4). A failure is logged and left to the step that needs that bucket."""
+        def run():
+            try:
+                self.warmup(threads=threads, report=report)
+            except Exception:  # noqa: BLE001 - the step that needs the bucket compiles it and reports the error
+                log.exception("background warm-up stopped")
+
+        thread = threading.Thread(target=run, name="dsv4jax-warmup", daemon=True)
+        thread.start()
+        return thread
 
     @property
     def compiles(self) -> int:
@@ -276,19 +311,27 @@ class Engine:
         return len(self._executables)
 
     def step(self) -> list[RequestOutput]:
-        """Admit, prefill a chunk, decode; returns the outputs of every request that changed."""
+        """Admit, dispatch a prefill chunk and a decode step, read back the previous step's (with `overlap`; else
+        this step's) results; returns the outputs of every request that changed."""
         touched: dict[str, Request] = {}
         self._take_commands(touched)
         self.scheduler.admit()
+        self._dispatching = []
         prefill = self.scheduler.prefill_rows(self.config.prefill_rows)
         if prefill:
             self._prefill(prefill, touched)
         decode = self.scheduler.decode_rows()
         if decode:
             self._decode(decode, touched)
+        # With overlap the device already holds this step when the host waits for the previous one, so it never
+        # idles on the host's bookkeeping; a request that finished there costs its row one step here.
+        ready, self._in_flight = self._in_flight, self._dispatching
+        if not self.config.overlap:
+            ready, self._in_flight = ready + self._in_flight, []
+        for dispatched in ready:
+            self._collect(dispatched, touched)
         self.counters["steps"] += 1
-        # A request mid-prompt has nothing to report yet.
-        outputs = [self._output(r) for r in touched.values() if r.finished or not r.prefilling]
+        outputs = [self._output(r) for r in touched.values()]
         for request in touched.values():
             if request.finished:
                 self.scheduler.release(request)
@@ -370,72 +413,76 @@ class Engine:
 
     def _prefill(self, requests: list[Request], touched) -> None:
         try:
-            first, prompt, lengths, final = self._run_prefill(requests)
+            lengths = [min(len(r.prompt) - r.length, self.config.prefill_chunk) for r in requests]
+            rows = bucket_for(len(requests), self.prefill_row_buckets)
+            chunk = bucket_for(max(lengths), self.chunk_buckets)
+            ids = np.zeros((rows, chunk), np.int32)
+            next_ids = np.zeros((rows, chunk), np.int32)
+            num_new = np.zeros((rows,), np.int32)
+            final = np.zeros((rows,), bool)
+            for i, (r, n) in enumerate(zip(requests, lengths)):
+                ids[i, :n] = r.prompt[r.length:r.length + n]
+                following = r.prompt[r.length + 1:r.length + n + 1]
+                next_ids[i, :len(following)] = following
+                num_new[i], final[i] = n, r.length + n == len(r.prompt)
+            run = self._executable("prefill", rows, chunk)
+            batch = self._batch(requests, rows)
+            self.caches, first, prompt = run(self.params, self.caches, batch, ids, num_new, next_ids, final)
         except Exception as error:  # noqa: BLE001 - isolated to the requests that cause it
             self._isolate(self._prefill, requests, error, touched)
             return
-        for i, (r, n) in enumerate(zip(requests, lengths)):
-            try:
-                if r.sampling.prompt_logprobs is not None:
-                    if r.length == 0:
-                        r.prompt_logprobs.append(None)
-                        r.prompt_top_logprobs.append(None)
-                    count = min(n, len(r.prompt) - 1 - r.length)  # positions whose next token is in the prompt
-                    r.prompt_logprobs += prompt.logprobs[i, :count].tolist()
-                    r.prompt_top_logprobs += [_top(prompt, i, j, r.sampling.prompt_logprobs) for j in range(count)]
-                r.length += n
-                if final[i]:
-                    self._commit(r, first, i, 1)
-                touched[r.id] = r
-            except Exception as error:  # noqa: BLE001
-                self._fail(r, error, touched)
-
-    def _run_prefill(self, requests: list[Request]):
-        lengths = [min(len(r.prompt) - r.length, self.config.prefill_chunk) for r in requests]
-        rows = bucket_for(len(requests), self.prefill_row_buckets)
-        chunk = bucket_for(max(lengths), self.chunk_buckets)
-        ids = np.zeros((rows, chunk), np.int32)
-        next_ids = np.zeros((rows, chunk), np.int32)
-        num_new = np.zeros((rows,), np.int32)
-        final = np.zeros((rows,), bool)
-        for i, (r, n) in enumerate(zip(requests, lengths)):
-            ids[i, :n] = r.prompt[r.length:r.length + n]
-            following = r.prompt[r.length + 1:r.length + n + 1]
-            next_ids[i, :len(following)] = following
-            num_new[i], final[i] = n, r.length + n == len(r.prompt)
-        run = self._executable("prefill", rows, chunk)
-        batch = self._batch(requests, rows)
-        caches, first, prompt = run(self.params, self.caches, batch, ids, num_new, next_ids, final)
-        first, prompt = jax.device_get((first, prompt))
-        self.caches = caches  # only once the step has fully succeeded
-        return first, prompt, lengths, final
+        starts = [r.length for r in requests]
+        for r, n in zip(requests, lengths):
+            r.length += n  # the prompt's progress is the host's to decide: counted as dispatched
+        self._dispatching.append(_Dispatched("prefill", requests, (first, prompt), starts, lengths, final))
 
     def _decode(self, requests: list[Request], touched) -> None:
         try:
             rows = bucket_for(len(requests), self.decode_buckets)
-            ids = np.zeros((rows,), np.int32)
-            ids[:len(requests)] = [r.pending for r in requests]
             active = np.arange(rows) < len(requests)
             run = self._executable("decode", rows)
-            caches, out = run(self.params, self.caches, self._batch(requests, rows), ids, active)
-            out = jax.device_get(out)
-            self.caches = caches
+            self.caches, out = run(self.params, self.caches, self._batch(requests, rows), active)
         except Exception as error:  # noqa: BLE001 - isolated to the requests that cause it
             self._isolate(self._decode, requests, error, touched)
             return
-        steps = self.config.speculative_steps
-        for i, r in enumerate(requests):
+        self._dispatching.append(_Dispatched("decode", requests, out))
+
+    def _collect(self, dispatched: "_Dispatched", touched) -> None:
+        """Read a dispatched step back and commit what each request still running got from it."""
+        # A step that fails on the device after its dispatch has written caches that later steps already read:
+        # nothing can continue, and the error stops the engine (SERVING §D.1).
+        outputs = jax.device_get(dispatched.outputs)
+        for i, r in enumerate(dispatched.requests):
+            if r.finished:  # ended (stop, length, abort) after this step was dispatched: its row is spare
+                continue
             try:
-                count = int(out.count[i])
-                r.length += count  # the pending token and the accepted drafts are now processed
-                if steps:
-                    self.counters["speculative_rounds"] += 1
-                    self.counters["drafted_tokens"] += steps
-                    self.counters["accepted_tokens"] += count - 1
-                self._commit(r, out, i, count)
-                touched[r.id] = r
+                if dispatched.kind == "prefill":
+                    self._commit_prefill(r, *outputs, i, dispatched.starts[i], dispatched.lengths[i],
+                                         dispatched.final[i], touched)
+                else:
+                    count = int(outputs.count[i])
+                    r.length += count  # the pending token and the accepted drafts are now processed
+                    if self.config.speculative_steps:
+                        self.counters["speculative_rounds"] += 1
+                        self.counters["drafted_tokens"] += self.config.speculative_steps
+                        self.counters["accepted_tokens"] += count - 1
+                    self._commit(r, outputs, i, count)
+                    touched[r.id] = r
             except Exception as error:  # noqa: BLE001
                 self._fail(r, error, touched)
+
+    def _commit_prefill(self, r: Request, first, prompt, row: int, start: int, n: int, final: bool,
+                        touched) -> None:
+        if r.sampling.prompt_logprobs is not None:
+            if start == 0:
+                r.prompt_logprobs.append(None)
+                r.prompt_top_logprobs.append(None)
+            count = min(n, len(r.prompt) - 1 - start)  # positions whose next token is in the prompt
+            r.prompt_logprobs += prompt.logprobs[row, :count].tolist()
+            r.prompt_top_logprobs += [_top(prompt, row, j, r.sampling.prompt_logprobs) for j in range(count)]
+        if final:  # a request mid-prompt has nothing to report yet
+            self._commit(r, first, row, 1)
+            touched[r.id] = r
 
     def _commit(self, r: Request, out, row: int, count: int) -> None:
         """Append emitted tokens until a stop condition; the last kept token becomes the pending one."""
@@ -485,9 +532,51 @@ class Engine:
 
     def _executable(self, kind: str, rows: int, chunk: int | None = None):
         key = (kind, rows, chunk)
-        if key not in self._executables:
-            self._executables[key] = self.lower(kind, rows, chunk).compile()
-        return self._executables[key]
+        executable = self._executables.get(key)
+        if executable is None:
+            future, mine = self._claim(key)
+            if mine:
+                try:
+                    lowered = self.lower(*key)
+                except BaseException as error:
+                    self._settle(key, future, error=error)
+                    raise
+                self._finish_compile(key, future, lowered)
+            executable = future.result()  # compiled here, or by the warm-up that claimed it first
+        return executable
+
+    def _claim(self, key) -> tuple[concurrent.futures.Future, bool]:
+        """The future of `key`'s executable, and whether the caller is the one to compile it."""
+        with self._compile_lock:
+            future = self._compiling.get(key)
+            if future is not None:
+                return future, False
+            future = self._compiling[key] = concurrent.futures.Future()
+            return future, True
+
+    def _finish_compile(self, key, future, lowered, record=None, report=None):
+        try:
+            began = time.perf_counter()
+            executable = lowered.compile()
+        except BaseException as error:
+            self._settle(key, future, error=error)
+            raise
+        if record is not None:
+            record["compile_s"] = time.perf_counter() - began
+            report(record)
+        self._settle(key, future, executable=executable)
+        return executable
+
+    def _settle(self, key, future, executable=None, error=None) -> None:
+        with self._compile_lock:
+            if error is None:
+                self._executables[key] = executable
+            else:  # not kept: the next caller tries again and sees the error itself
+                del self._compiling[key]
+        if error is None:
+            future.set_result(executable)
+        else:
+            future.set_exception(error)
 
     def lower(self, kind: str, rows: int, chunk: int | None = None):
         """The lowered step of one bucket ("prefill" rows × chunk, or "decode" rows); `.compile()` gives the
@@ -502,8 +591,25 @@ class Engine:
             steps = self.config.speculative_steps
             function = (functools.partial(speculative_step, self.runner, steps=steps) if steps
                         else functools.partial(decode_step, self.runner))
-            example = (batch, np.zeros((rows,), np.int32), np.zeros((rows,), bool))
+            example = (batch, np.zeros((rows,), bool))
         return jax.jit(function, donate_argnums=donate).lower(self.params, self.caches, *example)
+
+
+@dataclasses.dataclass
+class _Dispatched:
+    """A device step on its way: the requests of its rows and its outputs (device arrays), read back later."""
+
+    kind: str  # "prefill" or "decode"
+    requests: list[Request]
+    outputs: object  # prefill: (first Emitted, prompt Emitted or None); decode: Emitted
+    starts: list[int] | None = None  # prefill: each row's chunk start
+    lengths: list[int] | None = None  # prefill: each row's chunk length
+    final: np.ndarray | None = None  # prefill: rows whose prompt ends in this chunk
+
+
+def _bucket_name(key) -> str:
+    kind, rows, chunk = key
+    return f"{kind}-{rows}x{chunk or 1}"
 
 
 def _top(out, row: int, column: int, count: int) -> list[tuple[int, float]]:

@@ -127,4 +127,5 @@ class Scheduler:
         return sorted(rows, key=lambda r: r.arrival)[:limit]
 
     def decode_rows(self) -> list[Request]:
-        return [r for r in self.running.values() if not r.prefilling and not r.finished and r.pending is not None]
+        """Requests whose whole prompt has been dispatched: the device holds their pending token."""
+        return [r for r in self.running.values() if not r.prefilling and not r.finished]

@@ -12,7 +12,8 @@ t < L−1, and `last_streams` holds the target streams h_{L−1}. A step then
 4. draft-extends: the MTP processes (h_t, x_{t+1}) for t = L..L+a−1 with the verify streams, restoring the
    invariant at L' = L+1+a.
 Rejected positions were written into rings with `speculative_steps` slots of slack and into rows that only
-later positions can see, and the host simply keeps L' as the length: committed state is never touched.
+later positions can see, and the step simply records L' as the slot's length (`EngineCaches.lengths`):
+committed state is never touched.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dsv4jax.serve import sampling
 from dsv4jax.serve.cache import EngineCaches, gather_slots, scatter_slots
 from dsv4jax.serve.sampling import SamplingRows
 from dsv4jax.run import Runner
-from dsv4jax.serve.steps import Batch, emitted, penalty_rows, record_tokens
+from dsv4jax.serve.steps import Batch, advance, emitted, from_device, penalty_rows, record_tokens
 
 
 def _sample_probs(probs: jax.Array, keys: jax.Array) -> jax.Array:
@@ -67,8 +68,10 @@ def accept(drafts: jax.Array, draft_probs: jax.Array, target_probs: jax.Array, r
     return tokens, accepted
 
 
-def speculative_step(runner: Runner, params, caches: EngineCaches, batch: Batch, ids, active, steps: int):
-    """One round for each active row: ids [b] = pending x_L. Returns caches and the emitted tokens (a+1 each)."""
+def speculative_step(runner: Runner, params, caches: EngineCaches, batch: Batch, active, steps: int):
+    """One round for each active row from its pending x_L (the caches hold it, and L). Returns caches and the
+    emitted tokens (a+1 each)."""
+    ids, batch = from_device(caches, batch)
     slots, starts, rows = batch.slots, batch.starts, batch.sampling
     one = active.astype(jnp.int32)
     batch_index = jnp.arange(ids.shape[0])
@@ -115,4 +118,5 @@ def speculative_step(runner: Runner, params, caches: EngineCaches, batch: Batch,
     caches = dataclasses.replace(caches, mtp=scatter_slots(caches.mtp, mtp_state, slots),
                                  last_streams=caches.last_streams.at[slots].set(
                                      jnp.where(active[:, None, None], last_streams, caches.last_streams[slots])))
+    caches = advance(caches, slots, starts, tokens, count)
     return caches, emitted(logits, tokens, count)

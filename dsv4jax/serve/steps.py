@@ -21,7 +21,8 @@ from dsv4jax.serve.sampling import SamplingRows
 @pytree_dataclass
 class Batch:
     slots: jax.Array  # [b] int32 cache slot of each row
-    starts: jax.Array  # [b] int32 tokens the target has processed (the chunk's first position)
+    starts: jax.Array  # [b] int32 tokens the target has processed (prefill: the chunk's first position; decode
+    # steps read them from the caches instead, see `from_device`)
     tables: jax.Array  # [b, pages_per_sequence] int32 page tables
     sampling: SamplingRows
 
@@ -35,6 +36,22 @@ class Emitted:
     logprobs: jax.Array  # [b, T]
     top_ids: jax.Array  # [b, T, 20]
     top_logprobs: jax.Array  # [b, T, 20]
+
+
+def from_device(caches: EngineCaches, batch: Batch):
+    """A decode step's inputs as the device holds them: each row's pending token, and the batch with each row's
+    committed length as its start. The host may not have read the previous step back yet (SERVING §D.5)."""
+    return caches.pending[batch.slots], dataclasses.replace(batch, starts=caches.lengths[batch.slots])
+
+
+def advance(caches: EngineCaches, slots, starts, tokens, count) -> EngineCaches:
+    """Rows that emitted `count` [b] of `tokens` [b, T] now have `starts + count` positions committed and the
+    last emitted token pending; rows with count 0 are left as they were."""
+    last = jnp.take_along_axis(tokens, jnp.maximum(count - 1, 0)[:, None], axis=1)[:, 0]
+    moved = count > 0
+    return dataclasses.replace(
+        caches, lengths=caches.lengths.at[slots].set(jnp.where(moved, starts + count, caches.lengths[slots])),
+        pending=caches.pending.at[slots].set(jnp.where(moved, last, caches.pending[slots])))
 
 
 def penalty_rows(caches: EngineCaches, slots):
@@ -84,6 +101,8 @@ def prefill_step(runner: Runner, params, caches: EngineCaches, batch: Batch, ids
     token = sample_next(logits, batch, counts, seen, starts + num_new)
     first = emitted(logits[:, None], token[:, None], final.astype(jnp.int32))
     caches = record_tokens(caches, slots, token[:, None], final[:, None])
+    caches = dataclasses.replace(caches, lengths=caches.lengths.at[slots].set(starts + num_new),
+                                 pending=caches.pending.at[slots].set(jnp.where(final, token, caches.pending[slots])))
 
     prompt = None
     if prompt_logprobs:  # log p(x_{t+1} | x_≤t) for every chunk position (echo / lm-eval loglikelihood)
@@ -98,8 +117,10 @@ def prefill_step(runner: Runner, params, caches: EngineCaches, batch: Batch, ids
     return caches, first, prompt
 
 
-def decode_step(runner: Runner, params, caches: EngineCaches, batch: Batch, ids, active):
-    """One token per row (ids [b] at positions `starts`; inactive rows change nothing) and the next token."""
+def decode_step(runner: Runner, params, caches: EngineCaches, batch: Batch, active):
+    """One token per active row (its pending token, at its committed length; inactive rows change nothing)
+    and the next token."""
+    ids, batch = from_device(caches, batch)
     slots = batch.slots
     state = gather_slots(caches.target, slots, batch.starts, batch.tables)
     hidden, _, state = runner.target(params, state, ids[:, None], active.astype(jnp.int32), prefill=False)
@@ -108,4 +129,6 @@ def decode_step(runner: Runner, params, caches: EngineCaches, batch: Batch, ids,
     counts, seen = penalty_rows(caches, slots)
     token = sample_next(logits, batch, counts, seen, batch.starts + 1)
     caches = record_tokens(caches, slots, token[:, None], active[:, None])
-    return caches, emitted(logits[:, None], token[:, None], active.astype(jnp.int32))
+    count = active.astype(jnp.int32)
+    caches = advance(caches, slots, batch.starts, token[:, None], count)
+    return caches, emitted(logits[:, None], token[:, None], count)
