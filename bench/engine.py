@@ -2,7 +2,7 @@
 without MTP speculation, for the `flash-slice` config (V4-Flash widths, 4 layers, 32 experts, random weights),
 plus the mean acceptance length. Writes bench/results/engine-<device>.json.
 
-    python3 bench/engine.py [--batches 1 8 32 128] [--speculative 0 1] [--prompt 512] [--tokens 64]
+    python3 bench/engine.py [--batches 1 8 32 128] [--speculative 0 1] [--overlap 1 0] [--prompt 512] [--tokens 64]
 
 Per batch size B: B requests with random prompts are submitted together; once every one has its first token
 (prefill done), the steps until all finish are timed. tokens/s = decode tokens / time; time per output token =
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import functools
 import os
 import sys
@@ -77,6 +78,9 @@ def main() -> None:
     parser.add_argument("--speculative", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--overlap", type=int, nargs="+", default=[1, 0], choices=[0, 1],
+                        help="EngineConfig.overlap values run side by side on the same engine and executables "
+                        "(1: each step dispatched before the previous is read back, SERVING §D.5)")
     parser.add_argument("--name", default=None)
     parser.add_argument("--compilation-cache", default="none", metavar="DIR",
                         help="persistent compilation cache (default: none, so compile times are first-start times)")
@@ -103,11 +107,15 @@ def main() -> None:
     print(f"{sum(compiled.values())} executables compiled in {compile_s:.1f} s", flush=True)
     for steps, engine in engines.items():
         for batch in args.batches:
-            record = {"speculative_steps": steps, "compile_s_all_engines": compile_s,
-                      "compile_s_each": compile_times[steps], **run_batch(engine, batch, args.prompt, args.tokens, rng)}
-            records.append(record)
-            print(record, flush=True)
-            write_results(name, {"config": os.path.basename(args.config), **vars(args)}, records)
+            for overlap in args.overlap:
+                # Overlap changes only the host's order of dispatch and read-back, not the executables.
+                engine.config = dataclasses.replace(engine.config, overlap=bool(overlap))
+                record = {"speculative_steps": steps, "overlap": bool(overlap), "compile_s_all_engines": compile_s,
+                          "compile_s_each": compile_times[steps],
+                          **run_batch(engine, batch, args.prompt, args.tokens, rng)}
+                records.append(record)
+                print(record, flush=True)
+                write_results(name, {"config": os.path.basename(args.config), **vars(args)}, records)
         assert engine.compiles == compiled[steps], "a batch compiled a shape warm-up did not"
 
 
