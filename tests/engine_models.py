@@ -37,5 +37,5 @@ def drafting_model(residual_scale: float = 0.05, seed: int = 0) -> Model:
 
 
 @functools.cache
-def random_model(seed: int = 0) -> Model:
-    return Model(DeepseekV4(load_config(CONFIG).replace(dtype="float32"), nnx.Rngs(seed)), name="random-test")
+def random_model(seed: int = 0, dtype: str = "float32") -> Model:
+    return Model(DeepseekV4(load_config(CONFIG).replace(dtype=dtype), nnx.Rngs(seed)), name="random-test")

@@ -317,19 +317,17 @@ def test_bad_requests_and_configs_are_refused_clearly(batching_engine):
 
 
 @pytest.mark.parametrize("mesh, cp_mode, steps", [("cp=2,tp=2,ep=2", "round_robin", 1), ("cp=4,ep=2", "zigzag", 2)])
-def test_engine_over_a_mesh_equals_one_device(mesh, cp_mode, steps):
+def test_engine_over_a_mesh_equals_one_device(speculative_engines, mesh, cp_mode, steps):
     """8 fake CPU devices: prompt chunks split over cp (MTP prefill too), MoE over cp × ep and tp, decode and
     speculative verify replicated over cp. Same greedy tokens and logprobs as one device."""
     from dsv4jax.sharding.mesh import MeshError, parse_mesh_spec
 
-    model = drafting_model(residual_scale=0.15)
+    one_device = speculative_engines(steps)  # compiled already by the tests above
+    model, config = one_device.model, one_device.config
     rng = np.random.default_rng()
     prompts = [rng.integers(3, 256, size=int(n)).tolist() for n in (1, 63, 150, 40)]
-    config = EngineConfig(max_running_requests=4, max_model_len=512, page_tokens=128, prefill_chunk=64,
-                          prefill_buckets=(64,), max_prefill_rows=4, prefill_row_buckets=(4,), decode_buckets=(4,),
-                          speculative_steps=steps)
     sampling = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=0)
-    alone = Engine(model, config).generate(prompts, sampling)
+    alone = one_device.generate(prompts, sampling)
     sharded = Engine(model, config, mesh=parse_mesh_spec(mesh, cp_mode=cp_mode))
     for a, b in zip(alone, sharded.generate(prompts, sampling)):
         assert a.token_ids == b.token_ids

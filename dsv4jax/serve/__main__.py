@@ -24,7 +24,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "tokenizer.json (official or HF naming); default: the repository's default model")
     parser.add_argument("--served-model-name", default=None, help="the name in /v1/models and responses "
                         "(default: the model's own name)")
-    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None)
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+                        help="activation and weight dtype (default: float32 on CPUs, where it is faster than bfloat16 "
+                        "and batch-invariant to ~1e-6; the checkpoint's dtype elsewhere; SERVING §D.6)")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="one shape per step kind, so a request's tokens and logprobs never depend on what else "
+                        "is in the batch, in any dtype (costs padding: SERVING §D.6)")
     parser.add_argument("--mesh", default=None, help="device mesh such as dp=1,cp=1,tp=1,ep=1 (omitted axes are 1)")
     parser.add_argument("--cp-mode", choices=["round-robin", "zigzag"], default="round-robin",
                         help="context-parallel token split for prefill")
@@ -56,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
+
+
+def default_dtype() -> str | None:
+    """float32 on CPUs (measured faster there than bfloat16, and batch-invariant: bench/batch_invariance.py);
+    None (the checkpoint's dtype) on accelerators."""
+    import jax
+
+    return "float32" if jax.default_backend() == "cpu" else None
 
 
 def check_mesh(spec: str | None, cp_mode: str):
@@ -102,7 +115,7 @@ def main(argv=None) -> int:
         compilation_cache.enable(args.compilation_cache)
         start = time.perf_counter()
         print(f"loading {args.model or 'the default model'} ...", file=sys.stderr, flush=True)
-        model = dsv4jax.load(args.model, dtype=args.dtype, progress=True)
+        model = dsv4jax.load(args.model, dtype=args.dtype or default_dtype(), progress=True)
         tuning = {}
         if args.max_prefill_rows is not None:
             tuning["max_prefill_rows"] = args.max_prefill_rows
@@ -112,7 +125,8 @@ def main(argv=None) -> int:
         config = EngineConfig(max_running_requests=args.max_running_requests, max_model_len=args.max_model_len,
                               page_tokens=args.page_tokens, prefill_chunk=args.prefill_chunk,
                               speculative_steps=args.speculative_steps,
-                              max_waiting_requests=args.max_waiting_requests, **tuning)
+                              max_waiting_requests=args.max_waiting_requests, deterministic=args.deterministic,
+                              **tuning)
         runner = model.runner(mesh if mesh is not None and mesh.size > 1 else None, kernels=args.kernels)
         engine = Engine(model, config, runner=runner)
         print(f"loaded {model.name} in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)

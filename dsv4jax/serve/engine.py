@@ -58,6 +58,9 @@ class EngineConfig:
     max_waiting_requests: int = 256
     prompt_logprobs: bool = True  # compile prefill with per-token prompt logprobs (echo); False skips that LM head
     overlap: bool = True  # dispatch each step before reading the previous one back (SERVING §D.5)
+    # One shape per step kind (every decode step max_running_requests rows, every prefill max_prefill_rows ×
+    # prefill_chunk): a request's tokens and logprobs then never depend on its companions (SERVING §D.6).
+    deterministic: bool = False
     seed: int = 0  # seeds requests that give none
 
     def validate(self, model_config) -> None:
@@ -84,6 +87,10 @@ class EngineConfig:
         need(self.speculative_steps == 0 or model_config.num_mtp_layers > 0, "speculative_steps",
              "the model has no MTP layer; use 0")
         need(self.max_waiting_requests >= 0, "max_waiting_requests", "need ≥ 0")
+        chosen = [name for name in ("prefill_buckets", "decode_buckets", "prefill_row_buckets") if getattr(self, name)]
+        if self.deterministic and chosen:
+            raise ConfigError(f"EngineConfig.deterministic=True runs one shape per step kind, so it takes no "
+                              f"buckets; leave {', '.join(chosen)} empty")
         pages = self.num_pages
         need(pages is None or pages >= 2, "num_pages", "need at least 2 (page 0 is scratch)")
 
@@ -92,9 +99,13 @@ class EngineConfig:
         return min(self.max_prefill_rows, self.max_running_requests)
 
     def row_buckets(self, limit: int, chosen: tuple[int, ...]) -> list[int]:
+        if self.deterministic:
+            return [limit]
         return sorted(set(chosen) | {limit}) if chosen else buckets(limit)
 
     def chunk_buckets(self) -> list[int]:
+        if self.deterministic:
+            return [self.prefill_chunk]
         if self.prefill_buckets:
             return sorted(set(self.prefill_buckets) | {self.prefill_chunk})
         return sorted({max(1, self.prefill_chunk // 16), max(1, self.prefill_chunk // 4), self.prefill_chunk})
