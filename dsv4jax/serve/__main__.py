@@ -130,6 +130,7 @@ def main(argv=None) -> int:
         runner = model.runner(mesh if mesh is not None and mesh.size > 1 else None, kernels=args.kernels)
         engine = Engine(model, config, runner=runner)
         print(f"loaded {model.name} in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
+
         def report(record):
             stage = f"compiled in {record['compile_s']:.1f}s" if "compile_s" in record else \
                 f"lowered in {record['lower_s']:.1f}s, compiling"

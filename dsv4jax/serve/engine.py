@@ -254,8 +254,7 @@ class Engine:
         allocator = self.scheduler.allocator
         return dict(running=len(self.scheduler.running), waiting=len(self.scheduler.waiting) + len(self._inbox),
                     pages_used=allocator.total - allocator.free, pages_total=allocator.total,
-                    compiles=self.compiles, buckets_total=len(self.decode_buckets) +
-                    len(self.prefill_row_buckets) * len(self.chunk_buckets), **self.counters)
+                    compiles=self.compiles, buckets_total=len(self.bucket_keys()), **self.counters)
 
     def bucket_keys(self) -> list[tuple]:
         """Every shape bucket this engine can use, in the order a cold server needs them: what a first short
@@ -288,13 +287,7 @@ class Engine:
                     waited.append(future)
                     continue
                 record = {"bucket": _bucket_name(key)}
-                try:
-                    began = time.perf_counter()
-                    lowered = self.lower(*key)
-                    record["lower_s"] = time.perf_counter() - began
-                except BaseException as error:
-                    self._settle(key, future, error=error)
-                    raise
+                lowered = self._lower_claimed(key, future, record)
                 report(record)
                 records.append(record)
                 compiles.append(pool.submit(self._finish_compile, key, future, lowered, record, report))
@@ -496,7 +489,7 @@ class Engine:
             touched[r.id] = r
 
     def _commit(self, r: Request, out, row: int, count: int) -> None:
-        """Append emitted tokens until a stop condition; the last kept token becomes the pending one."""
+        """Append emitted tokens until a stop condition."""
         eos = self.model_config.eos_token_id
         for j in range(count):
             token = int(out.tokens[row, j])
@@ -510,7 +503,6 @@ class Engine:
             if len(r.output) >= r.sampling.max_tokens:
                 r.finish_reason = "length"
                 break
-        r.pending = r.output[-1] if r.output else None
         text = self.tokenizer.decode(r.output)
         for stop in r.sampling.stop:
             at = text.find(stop)
@@ -547,12 +539,7 @@ class Engine:
         if executable is None:
             future, mine = self._claim(key)
             if mine:
-                try:
-                    lowered = self.lower(*key)
-                except BaseException as error:
-                    self._settle(key, future, error=error)
-                    raise
-                self._finish_compile(key, future, lowered)
+                self._finish_compile(key, future, self._lower_claimed(key, future))
             executable = future.result()  # compiled here, or by the warm-up that claimed it first
         return executable
 
@@ -564,6 +551,18 @@ class Engine:
                 return future, False
             future = self._compiling[key] = concurrent.futures.Future()
             return future, True
+
+    def _lower_claimed(self, key, future, record=None):
+        """Lower a bucket the caller has claimed (its lowering time into `record`); a failure settles the claim."""
+        try:
+            began = time.perf_counter()
+            lowered = self.lower(*key)
+        except BaseException as error:
+            self._settle(key, future, error=error)
+            raise
+        if record is not None:
+            record["lower_s"] = time.perf_counter() - began
+        return lowered
 
     def _finish_compile(self, key, future, lowered, record=None, report=None):
         try:

@@ -37,7 +37,6 @@ class Request:
     pages: list[int] = dataclasses.field(default_factory=list)
     length: int = 0  # positions the target has processed
     output: list[int] = dataclasses.field(default_factory=list)  # committed generated tokens
-    pending: int | None = None  # the last sampled token, not yet processed by the target
     logprobs: list[float] = dataclasses.field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
     prompt_logprobs: list[float | None] = dataclasses.field(default_factory=list)
