@@ -29,6 +29,50 @@ FLAGS = {
 BUCKETS = ("decode:8", "prefill:1x512", "decode-mtp:8")
 
 
+def abstract_child(variant: str, buckets: list[str], out: str, config_path: str) -> None:
+    """`--abstract`: the runner's prefill (rows x chunk) and decode (rows) lowered from abstract parameters and state
+    (ShapeDtypeStructs) and compiled, no weights drawn: compile time alone, for configs whose weights would not fit
+    several processes at once (the deep config). No first call."""
+    import jax
+    import jax.monitoring
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from dsv4jax.config import load_config
+    from dsv4jax.model import DeepseekV4, init_state
+    from dsv4jax.run import Runner
+
+    events: dict[str, float] = {}
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, seconds, **_: events.__setitem__(name, events.get(name, 0.0) + seconds))
+    config = load_config(config_path, dtype="bfloat16")
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: DeepseekV4(config, nnx.Rngs(0))))
+    runner = Runner(graphdef, kernels=variant.partition(":")[0])
+    for bucket in buckets:
+        kind, _, shape = bucket.partition(":")
+        rows, _, chunk = shape.partition("x")
+        rows, chunk = int(rows), int(chunk or 1)
+        state = jax.eval_shape(lambda: init_state(config, rows, max(chunk, 1024) + 256))
+        if kind == "prefill":
+            fn, args = runner.prefill, (jax.ShapeDtypeStruct((rows, chunk), jnp.int32),
+                                        jax.ShapeDtypeStruct((rows,), jnp.int32))
+        else:
+            fn, args = runner.decode, (jax.ShapeDtypeStruct((rows,), jnp.int32), jax.ShapeDtypeStruct((rows,), bool))
+        events.clear()
+        began = time.perf_counter()
+        lowered = fn.lower(params, state, *args)
+        lower_s = time.perf_counter() - began
+        text = lowered.as_text()
+        began = time.perf_counter()
+        lowered.compile()
+        record = {"variant": variant, "stage": bucket, "lower_s": lower_s, "compile_s": time.perf_counter() - began,
+                  "mosaic_custom_calls": text.count("mosaic_gpu"), "hlo_chars": len(text),
+                  "events": {k: round(v, 3) for k, v in events.items()}}
+        print(json.dumps(record), flush=True)
+        with open(out, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
 def child(variant: str, buckets: list[str], out: str, config_path: str) -> None:
     """One variant in this process; appends one JSON line per finished stage to `out`."""
     import jax
@@ -101,11 +145,14 @@ def main() -> None:
     parser.add_argument("--config", default=os.path.join(ROOT, "configs", "deepseek-v4-flash-slice.json"))
     parser.add_argument("--parallel", type=int, default=4)
     parser.add_argument("--out-dir", default=os.environ.get("OUT", "/tmp"))
+    parser.add_argument("--abstract", action="store_true",
+                        help="runner-level buckets (prefill:RxC, decode:R) from abstract parameters: compile only")
+    parser.add_argument("--name", default=None, help="results name (default compile-profile-<device>)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.buckets, args.child_out, args.config)
+        (abstract_child if args.abstract else child)(args.child, args.buckets, args.child_out, args.config)
         return
 
     os.makedirs(args.out_dir, exist_ok=True)
@@ -121,7 +168,8 @@ def main() -> None:
                        XLA_PYTHON_CLIENT_PREALLOCATE="false")
             log = open(os.path.join(args.out_dir, f"compile-{variant.replace(':', '-')}.log"), "w")
             process = subprocess.Popen([sys.executable, __file__, "--child", variant, "--child-out", lines,
-                                        "--config", args.config, "--buckets", *args.buckets], env=env, stdout=log, stderr=subprocess.STDOUT)
+                                        "--config", args.config, "--buckets", *args.buckets,
+                                        *(["--abstract"] if args.abstract else [])], env=env, stdout=log, stderr=subprocess.STDOUT)
             running.append((variant, process, time.perf_counter()))
         time.sleep(1)
         for item in list(running):
@@ -135,8 +183,9 @@ def main() -> None:
                 running.remove(item)
     records = [json.loads(line) for line in open(lines)]
     from bench.common import device_slug, write_results
-    write_results(f"compile-profile-{device_slug()}", {"variants": args.variants, "buckets": args.buckets,
+    write_results(args.name or f"compile-profile-{device_slug()}", {"variants": args.variants, "buckets": args.buckets,
                                                        "config": os.path.basename(args.config), "flags": FLAGS, "parallel": args.parallel,
+                                                       "abstract": args.abstract,
                                                        "timeout_s": args.timeout},
                   records + [{"variant": v, "stage": "process", "status": s} for v, s in finished.items()])
     print(f"\n{'variant':28s} {'stage':16s} {'lower s':>8s} {'compile s':>10s} {'backend s':>10s} mosaic {'1st call':>8s} {'2nd call':>8s}")
@@ -144,7 +193,8 @@ def main() -> None:
         if "compile_s" in r:
             backend = r["events"].get("/jax/core/compile/backend_compile_duration", float("nan"))
             print(f"{r['variant']:28s} {r['stage']:16s} {r['lower_s']:8.1f} {r['compile_s']:10.1f} {backend:10.1f} "
-                  f"{r['mosaic_custom_calls']:6d} {r['first_call_s']:8.2f} {r['second_call_s']:8.3f}")
+                  f"{r['mosaic_custom_calls']:6d} {r.get('first_call_s', float('nan')):8.2f} "
+                  f"{r.get('second_call_s', float('nan')):8.3f}")
         else:
             print(f"{r['variant']:28s} {r['stage']:16s} {r.get('seconds', 0):8.1f}")
     for v, s in finished.items():
