@@ -25,6 +25,7 @@ FLAGS = {
     "autotune0": "--xla_gpu_autotune_level=0",
     "no_triton_gemm": "--xla_gpu_enable_triton_gemm=false",
     "autotune0_no_triton_gemm": "--xla_gpu_autotune_level=0 --xla_gpu_enable_triton_gemm=false",
+    "no_command_buffer": "--xla_gpu_enable_command_buffer=",
 }
 BUCKETS = ("decode:8", "prefill:1x512", "decode-mtp:8")
 
@@ -64,9 +65,15 @@ def abstract_child(variant: str, buckets: list[str], out: str, config_path: str)
         lower_s = time.perf_counter() - began
         text = lowered.as_text()
         began = time.perf_counter()
-        lowered.compile()
-        record = {"variant": variant, "stage": bucket, "lower_s": lower_s, "compile_s": time.perf_counter() - began,
+        compiled = lowered.compile()
+        compile_s = time.perf_counter() - began
+        optimized = compiled.as_text() or ""
+        record = {"variant": variant, "stage": bucket, "lower_s": lower_s, "compile_s": compile_s,
                   "mosaic_custom_calls": text.count("mosaic_gpu"), "hlo_chars": len(text),
+                  # what XLA made of it: Triton GEMM fusions (each one a Triton compile), cuBLAS calls, fusions
+                  "optimized_hlo": {key: optimized.count(pattern) for key, pattern in (
+                      ("triton_gemm", '"__triton_gemm"'), ("triton_fusions", '"__triton'),
+                      ("cublas", "__cublas"), ("fusions", " fusion("), ("while", " while("))},
                   "events": {k: round(v, 3) for k, v in events.items()}}
         print(json.dumps(record), flush=True)
         with open(out, "a") as f:
