@@ -5,7 +5,13 @@ sees), and first-call seconds (a Mosaic GPU kernel may finish compiling on first
 processes (the machine has 16 cores; XLA compiles one module mostly on one), so each figure carries some
 contention; compare variants of one run, not across runs. Writes bench/results/compile-profile-<device>.json.
 
+`--abstract` compiles the runner's prefill and decode from abstract parameters instead (compile time only; any
+config, the deep one too). `--pass-times` has XLA log the time of every HLO pass (TF_CPP_VMODULE) and adds each
+bucket's slowest passes to its record: where the backend compile goes.
+
     python3 bench/compile_profile.py [--variants reference:autotune0 auto:default ...] [--timeout 240]
+    python3 bench/compile_profile.py --abstract --pass-times --config configs/deepseek-v4-flash-deep.json \
+        --variants reference:default --buckets decode:1 prefill:1x1024
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -28,6 +35,36 @@ FLAGS = {
     "no_command_buffer": "--xla_gpu_enable_command_buffer=",
 }
 BUCKETS = ("decode:8", "prefill:1x512", "decode-mtp:8")
+
+
+PASS_TIME = re.compile(r"HLO pass: (\S+) time: .*?\((\d+) us\)")
+PASS_LOGGING = {"TF_CPP_MIN_LOG_LEVEL": "0", "TF_CPP_VMODULE": "hlo_pass_pipeline=1"}
+
+
+def pass_times(log_path: str, top: int = 8) -> list[dict]:
+    """Per bucket, in order, from a child's log (XLA's pass timers, split at the bucket records the child prints):
+    total seconds of HLO passes, and the `top` slowest passes (seconds summed over calls, and the longest call)."""
+    buckets, current = [], None
+    for line in open(log_path, errors="replace"):
+        if line.startswith("{") and '"stage"' in line:
+            if current is not None:
+                buckets.append({"stage": json.loads(line)["stage"], **current})
+            current = None
+            continue
+        match = PASS_TIME.search(line)
+        if match:
+            current = current or {"passes": {}}
+            name, seconds = match.group(1), int(match.group(2)) / 1e6
+            total, longest, calls = current["passes"].get(name, (0.0, 0.0, 0))
+            current["passes"][name] = (total + seconds, max(longest, seconds), calls + 1)
+    if current is not None:
+        buckets.append({"stage": "unfinished", **current})
+    for bucket in buckets:
+        passes = bucket.pop("passes")
+        bucket["hlo_passes_s"] = sum(total for total, _, _ in passes.values())
+        bucket["slowest"] = [{"pass": name, "seconds": total, "longest_call_s": longest, "calls": calls}
+                             for name, (total, longest, calls) in sorted(passes.items(), key=lambda kv: -kv[1][0])[:top]]
+    return buckets
 
 
 def abstract_child(variant: str, buckets: list[str], out: str, config_path: str) -> None:
@@ -154,6 +191,7 @@ def main() -> None:
     parser.add_argument("--out-dir", default=os.environ.get("OUT", "/tmp"))
     parser.add_argument("--abstract", action="store_true",
                         help="runner-level buckets (prefill:RxC, decode:R) from abstract parameters: compile only")
+    parser.add_argument("--pass-times", action="store_true", help="log XLA's HLO pass timers; slowest passes per bucket")
     parser.add_argument("--name", default=None, help="results name (default compile-profile-<device>)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
@@ -171,7 +209,8 @@ def main() -> None:
         while pending and len(running) < args.parallel:
             variant = pending.pop(0)
             flags = variant.partition(":")[2]
-            env = dict(os.environ, XLA_FLAGS=FLAGS[flags or "default"],
+            env = dict(os.environ, **(PASS_LOGGING if args.pass_times else {}),
+                       XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {FLAGS[flags or 'default']}".strip(),
                        XLA_PYTHON_CLIENT_PREALLOCATE="false")
             log = open(os.path.join(args.out_dir, f"compile-{variant.replace(':', '-')}.log"), "w")
             process = subprocess.Popen([sys.executable, __file__, "--child", variant, "--child-out", lines,
@@ -189,10 +228,13 @@ def main() -> None:
                     finished[variant] = f"exit {process.returncode} after {time.perf_counter() - start:.0f} s"
                 running.remove(item)
     records = [json.loads(line) for line in open(lines)]
+    if args.pass_times:
+        records += [{"variant": v, "stage": "pass_times", "buckets": pass_times(
+            os.path.join(args.out_dir, f"compile-{v.replace(':', '-')}.log"))} for v in args.variants]
     from bench.common import device_slug, write_results
     write_results(args.name or f"compile-profile-{device_slug()}", {"variants": args.variants, "buckets": args.buckets,
                                                        "config": os.path.basename(args.config), "flags": FLAGS, "parallel": args.parallel,
-                                                       "abstract": args.abstract,
+                                                       "abstract": args.abstract, "pass_times": args.pass_times,
                                                        "timeout_s": args.timeout},
                   records + [{"variant": v, "stage": "process", "status": s} for v, s in finished.items()])
     print(f"\n{'variant':28s} {'stage':16s} {'lower s':>8s} {'compile s':>10s} {'backend s':>10s} mosaic {'1st call':>8s} {'2nd call':>8s}")
