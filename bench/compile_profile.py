@@ -67,7 +67,7 @@ def pass_times(log_path: str, top: int = 8) -> list[dict]:
     return buckets
 
 
-def abstract_child(variant: str, buckets: list[str], out: str, config_path: str) -> None:
+def abstract_child(variant: str, buckets: list[str], out: str, config_path: str, layers: int | None = None) -> None:
     """`--abstract`: the runner's prefill (rows x chunk) and decode (rows) lowered from abstract parameters and state
     (ShapeDtypeStructs) and compiled, no weights drawn: compile time alone, for configs whose weights would not fit
     several processes at once (the deep config). No first call."""
@@ -84,6 +84,9 @@ def abstract_child(variant: str, buckets: list[str], out: str, config_path: str)
     jax.monitoring.register_event_duration_secs_listener(
         lambda name, seconds, **_: events.__setitem__(name, events.get(name, 0.0) + seconds))
     config = load_config(config_path, dtype="bfloat16")
+    if layers is not None:  # the first `layers` layers and the MTP layer: which layers' programs compile slowly
+        config = config.replace(num_hidden_layers=layers,
+                                compress_ratios=config.compress_ratios[:layers] + config.compress_ratios[-1:])
     graphdef, params = nnx.split(nnx.eval_shape(lambda: DeepseekV4(config, nnx.Rngs(0))))
     runner = Runner(graphdef, kernels=variant.partition(":")[0])
     for bucket in buckets:
@@ -191,13 +194,18 @@ def main() -> None:
     parser.add_argument("--out-dir", default=os.environ.get("OUT", "/tmp"))
     parser.add_argument("--abstract", action="store_true",
                         help="runner-level buckets (prefill:RxC, decode:R) from abstract parameters: compile only")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="with --abstract: only the config's first LAYERS layers (and its MTP layer)")
     parser.add_argument("--pass-times", action="store_true", help="log XLA's HLO pass timers; slowest passes per bucket")
     parser.add_argument("--name", default=None, help="results name (default compile-profile-<device>)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        (abstract_child if args.abstract else child)(args.child, args.buckets, args.child_out, args.config)
+        if args.abstract:
+            abstract_child(args.child, args.buckets, args.child_out, args.config, args.layers)
+        else:
+            child(args.child, args.buckets, args.child_out, args.config)
         return
 
     os.makedirs(args.out_dir, exist_ok=True)
@@ -215,7 +223,8 @@ def main() -> None:
             log = open(os.path.join(args.out_dir, f"compile-{variant.replace(':', '-')}.log"), "w")
             process = subprocess.Popen([sys.executable, __file__, "--child", variant, "--child-out", lines,
                                         "--config", args.config, "--buckets", *args.buckets,
-                                        *(["--abstract"] if args.abstract else [])], env=env, stdout=log, stderr=subprocess.STDOUT)
+                                        *(["--abstract"] if args.abstract else []),
+                                        *(["--layers", str(args.layers)] if args.layers is not None else [])], env=env, stdout=log, stderr=subprocess.STDOUT)
             running.append((variant, process, time.perf_counter()))
         time.sleep(1)
         for item in list(running):
@@ -234,7 +243,7 @@ def main() -> None:
     from bench.common import device_slug, write_results
     write_results(args.name or f"compile-profile-{device_slug()}", {"variants": args.variants, "buckets": args.buckets,
                                                        "config": os.path.basename(args.config), "flags": FLAGS, "parallel": args.parallel,
-                                                       "abstract": args.abstract, "pass_times": args.pass_times,
+                                                       "abstract": args.abstract, "pass_times": args.pass_times, "layers": args.layers,
                                                        "timeout_s": args.timeout},
                   records + [{"variant": v, "stage": "process", "status": s} for v, s in finished.items()])
     print(f"\n{'variant':28s} {'stage':16s} {'lower s':>8s} {'compile s':>10s} {'backend s':>10s} mosaic {'1st call':>8s} {'2nd call':>8s}")
@@ -244,6 +253,10 @@ def main() -> None:
             print(f"{r['variant']:28s} {r['stage']:16s} {r['lower_s']:8.1f} {r['compile_s']:10.1f} {backend:10.1f} "
                   f"{r['mosaic_custom_calls']:6d} {r.get('first_call_s', float('nan')):8.2f} "
                   f"{r.get('second_call_s', float('nan')):8.3f}")
+        elif r["stage"] == "pass_times":
+            for bucket in r["buckets"]:
+                slowest = ", ".join(f"{p['pass']} {p['seconds']:.1f} s" for p in bucket["slowest"][:3])
+                print(f"{r['variant']:28s} {bucket['stage']:16s} HLO passes {bucket['hlo_passes_s']:.1f} s: {slowest}")
         else:
             print(f"{r['variant']:28s} {r['stage']:16s} {r.get('seconds', 0):8.1f}")
     for v, s in finished.items():
