@@ -85,7 +85,7 @@ def abstract_child(variant: str, buckets: list[str], out: str, config_path: str,
         lambda name, seconds, **_: events.__setitem__(name, events.get(name, 0.0) + seconds))
     config = load_config(config_path, dtype="bfloat16")
     if layers is not None:  # the first `layers` layers and the MTP layer: which layers' programs compile slowly
-        config = config.replace(num_hidden_layers=layers,
+        config = config.replace(num_hidden_layers=layers, num_hash_layers=min(config.num_hash_layers, layers),
                                 compress_ratios=config.compress_ratios[:layers] + config.compress_ratios[-1:])
     graphdef, params = nnx.split(nnx.eval_shape(lambda: DeepseekV4(config, nnx.Rngs(0))))
     runner = Runner(graphdef, kernels=variant.partition(":")[0])
