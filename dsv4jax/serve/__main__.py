@@ -43,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="requests that may wait beyond the free running slots; past that the server answers "
                         "503 (busy), and a batch larger than running + waiting slots 400 (never fits)")
     parser.add_argument("--page-tokens", type=int, default=256, help="positions per cache page")
+    parser.add_argument("--num-pages", type=int, default=None,
+                        help="cache pages in the pool (default: every running request at --max-model-len)")
+    parser.add_argument("--page-allocation", choices=["on_demand", "reserve"], default="on_demand",
+                        help="on_demand: pages as sequences grow, the newest request preempted and recomputed when "
+                        "none is free; reserve: every page a request can need at admission")
     parser.add_argument("--prefill-chunk", type=int, default=256, help="most prompt tokens per request per step")
     parser.add_argument("--max-prefill-rows", type=int, default=None, help="requests prefilled together in one step")
     parser.add_argument("--prefill-buckets", default=None, help="prefill chunk lengths to compile, comma-separated "
@@ -123,7 +128,8 @@ def main(argv=None) -> int:
             if getattr(args, name):
                 tuning[name] = tuple(int(b) for b in getattr(args, name).split(","))
         config = EngineConfig(max_running_requests=args.max_running_requests, max_model_len=args.max_model_len,
-                              page_tokens=args.page_tokens, prefill_chunk=args.prefill_chunk,
+                              page_tokens=args.page_tokens, num_pages=args.num_pages,
+                              page_allocation=args.page_allocation, prefill_chunk=args.prefill_chunk,
                               speculative_steps=args.speculative_steps,
                               max_waiting_requests=args.max_waiting_requests, deterministic=args.deterministic,
                               **tuning)

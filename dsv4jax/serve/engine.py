@@ -49,6 +49,10 @@ class EngineConfig:
     max_model_len: int = 4096  # prompt + generated tokens of one request
     page_tokens: int = 256  # positions per cache page (a multiple of every compression ratio)
     num_pages: int | None = None  # None: enough for every slot at max_model_len
+    # "on_demand": pages are taken as sequences grow, the newest request preempted when none is free (SERVING
+    # §D.7); "reserve": admission takes every page a request can need, nothing is preempted.
+    page_allocation: str = "on_demand"
+    page_watermark: float = 0.01  # fraction of the pool admission leaves free for running requests to grow into
     prefill_chunk: int = 256  # most prompt tokens per request per step
     prefill_buckets: tuple[int, ...] = ()  # chunk lengths compiled; () = prefill_chunk/16, /4, /1
     max_prefill_rows: int = 4  # requests prefilled together in one step
@@ -93,6 +97,8 @@ class EngineConfig:
                               f"buckets; leave {', '.join(chosen)} empty")
         pages = self.num_pages
         need(pages is None or pages >= 2, "num_pages", "need at least 2 (page 0 is scratch)")
+        need(self.page_allocation in ("on_demand", "reserve"), "page_allocation", 'one of "on_demand", "reserve"')
+        need(0.0 <= self.page_watermark < 1.0, "page_watermark", "a fraction of the pool in [0, 1)")
 
     @property
     def prefill_rows(self) -> int:
@@ -162,7 +168,8 @@ class Engine:
         self.pages_per_sequence = pages_for(config.max_model_len + steps, config.page_tokens)
         num_pages = config.num_pages or config.max_running_requests * self.pages_per_sequence + 1
         self.scheduler = Scheduler(config.max_running_requests, num_pages, config.page_tokens,
-                                   self.pages_per_sequence, config.max_model_len, steps, config.max_waiting_requests)
+                                   self.pages_per_sequence, config.max_model_len, steps, config.max_waiting_requests,
+                                   on_demand=config.page_allocation == "on_demand", watermark=config.page_watermark)
         self.scratch_slot = config.max_running_requests
         self.caches = self.runner.replicate(init_caches(model.config, config.max_running_requests, num_pages,
                                                         config.page_tokens, steps))
@@ -181,7 +188,7 @@ class Engine:
         self._ids = itertools.count()
         self._seeds = np.random.default_rng(config.seed)
         self._known: set[str] = set()
-        self.counters = dict(finished=0, aborted=0, failed=0, drafted_tokens=0, accepted_tokens=0,
+        self.counters = dict(finished=0, aborted=0, failed=0, preempted=0, drafted_tokens=0, accepted_tokens=0,
                              speculative_rounds=0, steps=0)
 
     # ---- public API -------------------------------------------------------------------------------------------
@@ -320,6 +327,7 @@ class Engine:
         touched: dict[str, Request] = {}
         self._take_commands(touched)
         self.scheduler.admit()
+        self._grow_pages(touched)
         self._dispatching = []
         prefill = self.scheduler.prefill_rows(self.config.prefill_rows)
         if prefill:
@@ -336,14 +344,49 @@ class Engine:
             self._collect(dispatched, touched)
         self.counters["steps"] += 1
         outputs = [self._output(r) for r in touched.values()]
+        self._retire(touched)
+        return outputs
+
+    def _retire(self, touched) -> None:
+        """Free the slots and pages of the touched requests that have finished (once each)."""
         for request in touched.values():
-            if request.finished:
+            if request.finished and request.id in self._known:
                 self.scheduler.release(request)
                 with self._lock:
                     self._known.discard(request.id)
                 self.counters["aborted" if request.finish_reason == "abort" else
                               "failed" if request.finish_reason == "error" else "finished"] += 1
-        return outputs
+
+    def _grow_pages(self, touched) -> None:
+        """On-demand pages for what this step can write (SERVING §D.7). A decoding request may have one step in
+        flight that the host has not counted yet, so it gets pages for two steps past its committed length; a
+        prefilling one has its prompt's pages from admission. If the pool runs short, the step in flight is read
+        back first (its finished requests free their pages), then the newest requests are preempted."""
+        scheduler = self.scheduler
+        if not scheduler.on_demand:
+            return
+        per_step = 1 + self.config.speculative_steps
+        drained = False
+        while True:
+            ends = {r.id: r.length + 2 * per_step for r in scheduler.running.values()
+                    if not r.prefilling and not r.finished}
+            if scheduler.pages_short(ends) <= 0:
+                break
+            if self._in_flight and not drained:  # a preempted request must have nothing in flight
+                ready, self._in_flight = self._in_flight, []
+                for dispatched in ready:
+                    self._collect(dispatched, touched)
+                self._retire(touched)
+                drained = True
+                continue
+            victim = scheduler.newest_running()
+            if victim is None or len(scheduler.running) == 1:
+                raise RuntimeError("the page pool cannot hold one request that admission accepted")  # a bug
+            log.info("preempting request %s (%d tokens) for pages", victim.id, victim.length)
+            scheduler.preempt(victim)
+            self.counters["preempted"] += 1
+        for rid in ends:
+            scheduler.grow(scheduler.running[rid], ends[rid])
 
     def generate(self, prompts, sampling: SamplingParams | list[SamplingParams] = SamplingParams()) -> list[Completion]:
         """Run a batch of prompts (text or token ids) to completion; results in prompt order."""
@@ -417,21 +460,25 @@ class Engine:
 
     def _prefill(self, requests: list[Request], touched) -> None:
         try:
-            lengths = [min(len(r.prompt) - r.length, self.config.prefill_chunk) for r in requests]
+            lengths = [min(len(r.tokens) - r.length, self.config.prefill_chunk) for r in requests]
             rows = bucket_for(len(requests), self.prefill_row_buckets)
             chunk = bucket_for(max(lengths), self.chunk_buckets)
             ids = np.zeros((rows, chunk), np.int32)
             next_ids = np.zeros((rows, chunk), np.int32)
             num_new = np.zeros((rows,), np.int32)
             final = np.zeros((rows,), bool)
+            generated_from = np.zeros((rows,), np.int32)
             for i, (r, n) in enumerate(zip(requests, lengths)):
-                ids[i, :n] = r.prompt[r.length:r.length + n]
-                following = r.prompt[r.length + 1:r.length + n + 1]
+                tokens = r.tokens
+                ids[i, :n] = tokens[r.length:r.length + n]
+                following = tokens[r.length + 1:r.length + n + 1]
                 next_ids[i, :len(following)] = following
-                num_new[i], final[i] = n, r.length + n == len(r.prompt)
+                num_new[i], final[i] = n, r.length + n == len(tokens)
+                generated_from[i] = len(r.prompt)  # a recomputed context's generated tokens count for penalties
             run = self._executable("prefill", rows, chunk)
             batch = self._batch(requests, rows)
-            self.caches, first, prompt = run(self.params, self.caches, batch, ids, num_new, next_ids, final)
+            self.caches, first, prompt = run(self.params, self.caches, batch, ids, num_new, next_ids, final,
+                                             generated_from)
         except Exception as error:  # noqa: BLE001 - isolated to the requests that cause it
             self._isolate(self._prefill, requests, error, touched)
             return
@@ -478,12 +525,15 @@ class Engine:
     def _commit_prefill(self, r: Request, first, prompt, row: int, start: int, n: int, final: bool,
                         touched) -> None:
         if r.sampling.prompt_logprobs is not None:
-            if start == 0:
+            # Entry p is log p(prompt[p] | prompt[:p]), from chunk position p − 1; a recomputed prompt (after a
+            # preemption) adds only the entries not recorded yet.
+            if start == 0 and not r.prompt_logprobs:
                 r.prompt_logprobs.append(None)
                 r.prompt_top_logprobs.append(None)
             count = min(n, len(r.prompt) - 1 - start)  # positions whose next token is in the prompt
-            r.prompt_logprobs += prompt.logprobs[row, :count].tolist()
-            r.prompt_top_logprobs += [_top(prompt, row, j, r.sampling.prompt_logprobs) for j in range(count)]
+            for j in range(max(0, len(r.prompt_logprobs) - start - 1), count):
+                r.prompt_logprobs.append(float(prompt.logprobs[row, j]))
+                r.prompt_top_logprobs.append(_top(prompt, row, j, r.sampling.prompt_logprobs))
         if final:  # a request mid-prompt has nothing to report yet
             self._commit(r, first, row, 1)
             touched[r.id] = r
@@ -595,8 +645,8 @@ class Engine:
         donate = () if jax.default_backend() == "cpu" else (1,)  # XLA:CPU cannot reuse donated buffers
         if kind == "prefill":
             function = functools.partial(prefill_step, self.runner, prompt_logprobs=self.config.prompt_logprobs)
-            ids = np.zeros((rows, chunk), np.int32)
-            example = (batch, ids, np.zeros((rows,), np.int32), ids, np.zeros((rows,), bool))
+            ids, lengths = np.zeros((rows, chunk), np.int32), np.zeros((rows,), np.int32)
+            example = (batch, ids, lengths, ids, np.zeros((rows,), bool), lengths)
         else:
             steps = self.config.speculative_steps
             function = (functools.partial(speculative_step, self.runner, steps=steps) if steps

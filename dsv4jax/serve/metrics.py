@@ -32,6 +32,8 @@ class ServerMetrics:
         self.aborted = gauge("num_requests_aborted", "Requests the engine has aborted.")
         self.failed = gauge("num_requests_failed", "Requests that failed with an error while running (the others "
                             "went on).")
+        self.preempted = gauge("num_preemptions", "Requests preempted for cache pages so far (each recomputed when "
+                               "readmitted).")
         self.buckets_compiled = gauge("shape_buckets_compiled", "Shape buckets compiled so far (a request whose "
                                       "bucket is not among them waits for its compile).")
         self.buckets_total = gauge("shape_buckets_total", "Shape buckets this engine can use.")
@@ -63,6 +65,7 @@ class ServerMetrics:
         self.finished.set(stats.get("finished", 0))
         self.aborted.set(stats.get("aborted", 0))
         self.failed.set(stats.get("failed", 0))
+        self.preempted.set(stats.get("preempted", 0))
         self.buckets_compiled.set(stats.get("compiles", 0))
         self.buckets_total.set(stats.get("buckets_total", 0))
 

@@ -1,15 +1,20 @@
 """Host-side bookkeeping: requests, admission (slots and pages), and which rows each step runs.
 
-Admission reserves every page a request can need (prompt + max_tokens + the speculative overhang) up front, so
-a running request never runs out of pages and nothing needs preempting; a request that could never fit is
-refused at submission. Each step runs one prefill chunk for up to `max_prefill_rows` prefilling requests
-(oldest first) and one decode (or speculative) step for every request that has finished its prompt.
+Pages are taken as sequences grow (SERVING §D.7): admission takes the pages of the prompt, and before each step
+every decoding request gets the pages that step can write. When the pool runs short the newest running request
+is preempted: its pages and slot are freed and it waits again at the head of the queue, its progress kept as
+token ids, which are recomputed as a prompt when it is readmitted. The oldest request always goes on, so a
+request that fits the pool alone always finishes. With `reserve` allocation (the earlier behaviour) admission
+takes every page a request can need and nothing is ever preempted. A request that could never fit is refused
+at submission. Each step runs one prefill chunk for up to `max_prefill_rows` prefilling requests (oldest first)
+and one decode (or speculative) step for every request that has finished its prompt.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import time
 
 import numpy as np
@@ -36,6 +41,9 @@ class Request:
     slot: int | None = None
     pages: list[int] = dataclasses.field(default_factory=list)
     length: int = 0  # positions the target has processed
+    # After a preemption: the prompt and the tokens generated so far, all prefilled again on readmission.
+    context: list[int] | None = None
+    preemptions: int = 0
     output: list[int] = dataclasses.field(default_factory=list)  # committed generated tokens
     logprobs: list[float] = dataclasses.field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
@@ -49,8 +57,13 @@ class Request:
     error: str | None = None  # why, when finish_reason is "error"
 
     @property
+    def tokens(self) -> list[int]:
+        """What prefill processes: the prompt, or after a preemption the prompt and the generated tokens."""
+        return self.prompt if self.context is None else self.context
+
+    @property
     def prefilling(self) -> bool:
-        return self.length < len(self.prompt)
+        return self.length < len(self.tokens)
 
     @property
     def finished(self) -> bool:
@@ -72,8 +85,12 @@ def bucket_for(n: int, sizes: list[int]) -> int:
 
 class Scheduler:
     def __init__(self, num_slots: int, num_pages: int, page_tokens: int, pages_per_sequence: int,
-                 max_model_len: int, overhang: int, max_waiting: int):
+                 max_model_len: int, overhang: int, max_waiting: int, on_demand: bool = True,
+                 watermark: float = 0.0):
         self.allocator = PageAllocator(num_pages)
+        self.on_demand = on_demand
+        # Pages admission leaves free for running requests to grow into (vLLM's watermark), unless nothing runs.
+        self.watermark_pages = int(math.ceil(watermark * self.allocator.total)) if on_demand else 0
         self.page_tokens, self.pages_per_sequence = page_tokens, pages_per_sequence
         self.max_model_len, self.overhang, self.max_waiting = max_model_len, overhang, max_waiting
         self.free_slots = list(range(num_slots - 1, -1, -1))
@@ -82,7 +99,17 @@ class Scheduler:
         self.tables = np.zeros((num_slots + 1, pages_per_sequence), np.int32)  # row num_slots: scratch slot
 
     def pages_needed(self, request: Request) -> int:
-        return pages_for(len(request.prompt) + request.sampling.max_tokens + self.overhang, self.page_tokens)
+        """The most pages the request can hold: prompt + max_tokens + the speculative overhang."""
+        return pages_for(self.end_limit(request), self.page_tokens)
+
+    def end_limit(self, request: Request) -> int:
+        return len(request.prompt) + request.sampling.max_tokens + self.overhang
+
+    def pages_at_admission(self, request: Request) -> int:
+        """On demand: its prompt (or recomputed context) and the first decode step; reserved: all it can need."""
+        if not self.on_demand:
+            return self.pages_needed(request)
+        return pages_for(min(len(request.tokens) + 1 + self.overhang, self.end_limit(request)), self.page_tokens)
 
     def check(self, request: Request) -> None:
         """Refuse at submission what could never run."""
@@ -104,14 +131,46 @@ class Scheduler:
     def admit(self) -> list[Request]:
         """Move waiting requests (first come, first served) into free slots while pages last."""
         admitted = []
-        while self.waiting and self.free_slots and self.pages_needed(self.waiting[0]) <= self.allocator.free:
+        while self.waiting and self.free_slots:
+            need = self.pages_at_admission(self.waiting[0])
+            if need + (self.watermark_pages if self.running else 0) > self.allocator.free:
+                break
             request = self.waiting.popleft()
             request.slot = self.free_slots.pop()
-            request.pages = self.allocator.allocate(self.pages_needed(request))
+            request.pages = self.allocator.allocate(need)
             self.tables[request.slot] = table_row(request.pages, self.pages_per_sequence)
             self.running[request.id] = request
             admitted.append(request)
         return admitted
+
+    def pages_short(self, ends: dict[str, int]) -> int:
+        """Pages missing from the free pool for every running request to cover positions [0, ends[id])."""
+        want = sum(max(0, self._pages_for_end(self.running[rid], end) - len(self.running[rid].pages))
+                   for rid, end in ends.items())
+        return want - self.allocator.free
+
+    def grow(self, request: Request, end: int) -> None:
+        """Give `request` the pages that positions [0, end) need (at most what it can ever need)."""
+        extra = self._pages_for_end(request, end) - len(request.pages)
+        if extra > 0:
+            request.pages += self.allocator.allocate(extra)
+            self.tables[request.slot] = table_row(request.pages, self.pages_per_sequence)
+
+    def _pages_for_end(self, request: Request, end: int) -> int:
+        return pages_for(min(end, self.end_limit(request)), self.page_tokens)
+
+    def preempt(self, request: Request) -> None:
+        """Free the request's pages and slot; it waits at the head of the queue and is recomputed from its
+        prompt and generated tokens when readmitted."""
+        self.release(request)
+        request.context = request.prompt + request.output
+        request.length = 0
+        request.preemptions += 1
+        self.waiting.appendleft(request)
+
+    def newest_running(self) -> Request | None:
+        candidates = [r for r in self.running.values() if not r.finished]
+        return max(candidates, key=lambda r: r.arrival) if candidates else None
 
     def release(self, request: Request) -> None:
         if request.slot is not None:

@@ -79,10 +79,11 @@ def emitted(logits, tokens, count) -> Emitted:
 
 
 def prefill_step(runner: Runner, params, caches: EngineCaches, batch: Batch, ids, num_new, next_ids,
-                 final, prompt_logprobs: bool):
+                 final, generated_from, prompt_logprobs: bool):
     """One prompt chunk per row: ids [b, C] at positions starts + 0..C−1 (num_new real), next_ids [b, C] the
     token after each (the prompt's own; unused at a prompt's last position). Rows whose prompt ends here
-    (final [b]) sample their first token. With an MTP state, the MTP module extends over the chunk too
+    (final [b]) sample their first token. Positions from generated_from [b] on hold tokens the request generated
+    before a preemption (SERVING §D.7): they count for the penalties as generated tokens. With an MTP state, the MTP module extends over the chunk too
     (pairs (streams_t, x_{t+1}) for every t whose next token is a prompt token, ARCHITECTURE §12.1)."""
     slots, starts = batch.slots, batch.starts
     state = gather_slots(caches.target, slots, starts, batch.tables)
@@ -96,6 +97,9 @@ def prefill_step(runner: Runner, params, caches: EngineCaches, batch: Batch, ids
     seen = jnp.where(fresh, False, caches.seen[slots])
     seen = seen.at[jnp.arange(ids.shape[0])[:, None], jnp.where(real, ids, seen.shape[1])].set(True, mode="drop")
     caches = dataclasses.replace(caches, counts=caches.counts.at[slots].set(counts), seen=caches.seen.at[slots].set(seen))
+    generated = real & (starts[:, None] + jnp.arange(ids.shape[1]) >= generated_from[:, None])
+    caches = record_tokens(caches, slots, ids, generated)
+    counts, seen = penalty_rows(caches, slots)
 
     logits = runner.logits(params, last_real(hidden, num_new))
     token = sample_next(logits, batch, counts, seen, starts + num_new)
