@@ -35,7 +35,7 @@ def test_preempted_requests_finish_with_the_tokens_they_get_alone(steps):
     assert preempted >= 1, "the pool was meant to run short: nothing was preempted, so nothing was tested"
     stats = engine.stats()
     assert stats["pages_used"] == 0 and stats["running"] == 0 and stats["waiting"] == 0
-    assert engine.scheduler.allocator.free == engine.scheduler.allocator.total
+    assert engine.scheduler.available() == engine.scheduler.allocator.total  # free, or cached and unused
     for prompt, params, got in zip(prompts, sampling, together):
         alone = engine.generate([prompt], params)[0]
         assert got.token_ids == alone.token_ids and len(got.token_ids) == params.max_tokens

@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--page-allocation", choices=["on_demand", "reserve"], default="on_demand",
                         help="on_demand: pages as sequences grow, the newest request preempted and recomputed when "
                         "none is free; reserve: every page a request can need at admission")
+    parser.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                        help="do not keep prompt pages and ring snapshots for later requests with the same prefix")
+    parser.add_argument("--prefix-cache-snapshots", type=int, default=None,
+                        help="ring snapshot slots of the prefix cache on the device (default: 4 per running request)")
     parser.add_argument("--prefill-chunk", type=int, default=256, help="most prompt tokens per request per step")
     parser.add_argument("--max-prefill-rows", type=int, default=None, help="requests prefilled together in one step")
     parser.add_argument("--prefill-buckets", default=None, help="prefill chunk lengths to compile, comma-separated "
@@ -129,7 +133,8 @@ def main(argv=None) -> int:
                 tuning[name] = tuple(int(b) for b in getattr(args, name).split(","))
         config = EngineConfig(max_running_requests=args.max_running_requests, max_model_len=args.max_model_len,
                               page_tokens=args.page_tokens, num_pages=args.num_pages,
-                              page_allocation=args.page_allocation, prefill_chunk=args.prefill_chunk,
+                              page_allocation=args.page_allocation, prefix_cache=args.prefix_cache,
+                              prefix_cache_snapshots=args.prefix_cache_snapshots, prefill_chunk=args.prefill_chunk,
                               speculative_steps=args.speculative_steps,
                               max_waiting_requests=args.max_waiting_requests, deterministic=args.deterministic,
                               **tuning)

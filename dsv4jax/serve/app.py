@@ -96,9 +96,11 @@ def _finite(value: float) -> float:
     return value if math.isfinite(value) else _LOGPROB_FLOOR
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage object; `prompt_tokens_details.cached_tokens`: prompt tokens the prefix cache served."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def _is_json(content_type: str) -> bool:
@@ -382,8 +384,10 @@ class _Choice:
     prompt_top: list | None = None
     finish_reason: str | None = None
     num_output_tokens: int = 0
+    num_cached_tokens: int = 0
 
     def add(self, output) -> None:
+        self.num_cached_tokens = output.num_cached_tokens
         self.text += output.text
         self.token_ids += output.token_ids
         if output.logprobs is not None:
@@ -480,6 +484,10 @@ async def completions(request: Request) -> Response:
     created = int(time.time())
     num_prompt_tokens = sum(len(ids) for ids in prompts)
 
+    def usage():  # each prompt once, as prompt_tokens counts it: the cache hit of its first choice
+        return _usage(num_prompt_tokens, sum(c.num_output_tokens for c in choices),
+                      sum(c.num_cached_tokens for c in choices[::req.n]))
+
     if req.stream:
         include_usage = req.stream_options is not None and req.stream_options.include_usage
         continuous = req.stream_options is not None and req.stream_options.continuous_usage_stats
@@ -507,7 +515,7 @@ async def completions(request: Request) -> Response:
                             "choices": [{"index": index, "text": text, "logprobs": logprobs,
                                          "finish_reason": output.finish_reason if output.finished else None}]}
                     if continuous:
-                        body["usage"] = _usage(num_prompt_tokens, sum(c.num_output_tokens for c in choices))
+                        body["usage"] = usage()
                     yield body
             except EngineDeadError as error:
                 yield _engine_error(error).body()
@@ -517,7 +525,7 @@ async def completions(request: Request) -> Response:
                 return
             if include_usage:
                 yield {"id": completion_id, "object": "text_completion", "created": created, "model": model_name,
-                       "choices": [], "usage": _usage(num_prompt_tokens, sum(c.num_output_tokens for c in choices))}
+                       "choices": [], "usage": usage()}
 
         return _SSEResponse(events(), _abort_all(state, streams))
 
@@ -538,7 +546,7 @@ async def completions(request: Request) -> Response:
         body_choices.append(item)
     return _json_response({"id": completion_id, "object": "text_completion", "created": created,
                            "model": model_name, "choices": body_choices,
-                           "usage": _usage(num_prompt_tokens, sum(c.num_output_tokens for c in choices))})
+                           "usage": usage()})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -584,8 +592,10 @@ class _ChatChoice:
     logprobs: list = field(default_factory=list)
     finish_reason: str | None = None
     num_output_tokens: int = 0
+    num_cached_tokens: int = 0
 
     def add(self, output) -> list[tuple]:
+        self.num_cached_tokens = output.num_cached_tokens
         text = self.stops.push(self.decoder.push(output.token_ids))
         if output.finished:
             text += self.stops.push(self.decoder.flush()) + self.stops.flush()
@@ -663,7 +673,7 @@ async def chat_completions(request: Request) -> Response:
     created = int(time.time())
 
     def usage():
-        return _usage(len(prompt_ids), sum(c.num_output_tokens for c in choices))
+        return _usage(len(prompt_ids), sum(c.num_output_tokens for c in choices), choices[0].num_cached_tokens)
 
     if req.stream:
         include_usage = req.stream_options is not None and req.stream_options.include_usage

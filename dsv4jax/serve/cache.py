@@ -62,6 +62,11 @@ class EngineCaches:
     # not from the host, so a step can be dispatched before the previous one is read back (SERVING §D.5).
     lengths: jax.Array  # [slots+1] int32
     pending: jax.Array  # [slots+1] int32
+    # Prefix caching (SERVING §D.8): each snapshot slot holds the rings of a sequence at a page boundary (target
+    # and MTP layers) and the set of tokens before it; None without a prefix cache.
+    snapshots: DecodeState | None
+    mtp_snapshots: DecodeState | None
+    snapshot_seen: jax.Array | None  # [snapshots, V] bool
 
 
 def _paged(state: DecodeState, config: ModelConfig, mtp: bool, num_pages: int, page_tokens: int) -> DecodeState:
@@ -81,8 +86,9 @@ def _paged(state: DecodeState, config: ModelConfig, mtp: bool, num_pages: int, p
 
 
 def init_caches(config: ModelConfig, num_slots: int, num_pages: int, page_tokens: int,
-                speculative_steps: int) -> EngineCaches:
-    """Empty caches for `num_slots` sequences (+ the scratch slot) and a pool of `num_pages` pages."""
+                speculative_steps: int, snapshots: int = 0) -> EngineCaches:
+    """Empty caches for `num_slots` sequences (+ the scratch slot), a pool of `num_pages` pages and `snapshots`
+    prefix-cache snapshot slots (0: no prefix cache)."""
     slots = num_slots + 1
     margin = speculative_steps  # ring slack so rejected speculative writes never clobber live slots
     target = _paged(init_state(config, slots, 1, ring_margin=margin), config, False, num_pages, page_tokens)
@@ -90,10 +96,51 @@ def init_caches(config: ModelConfig, num_slots: int, num_pages: int, page_tokens
     if speculative_steps:
         mtp = _paged(init_state(config, slots, 1, mtp=True, ring_margin=margin), config, True, num_pages, page_tokens)
         last_streams = jnp.zeros((slots, config.hc_mult, config.hidden_size), jnp.dtype(config.dtype))
+    target_snapshots = mtp_snapshots = seen = None
+    if snapshots:  # rings only: their dense row buffers hold a single row and are never used
+        target_snapshots = init_state(config, snapshots, 1, ring_margin=margin)
+        if speculative_steps:
+            mtp_snapshots = init_state(config, snapshots, 1, mtp=True, ring_margin=margin)
+        seen = jnp.zeros((snapshots, config.vocab_size), bool)
     return EngineCaches(target=target, mtp=mtp, last_streams=last_streams,
                         counts=jnp.zeros((slots, config.vocab_size), jnp.int32),
                         seen=jnp.zeros((slots, config.vocab_size), bool),
-                        lengths=jnp.zeros((slots,), jnp.int32), pending=jnp.zeros((slots,), jnp.int32))
+                        lengths=jnp.zeros((slots,), jnp.int32), pending=jnp.zeros((slots,), jnp.int32),
+                        snapshots=target_snapshots, mtp_snapshots=mtp_snapshots, snapshot_seen=seen)
+
+
+def copy_rings(dst: DecodeState, dst_index: jax.Array, src: DecodeState, src_index: jax.Array) -> DecodeState:
+    """dst's per-sequence rings (window, compressor and indexer blocks) at dst_index [n] set to src's at
+    src_index [n]; indices past dst's end are dropped. Row pools and lengths are left alone."""
+    def put(d, s):
+        return d.at[:, dst_index].set(s[:, src_index], mode="drop")
+
+    def compressor(d: CompressorState | None, s: CompressorState | None):
+        return None if d is None else dataclasses.replace(d, kv=put(d.kv, s.kv), gate=put(d.gate, s.gate))
+
+    layers = tuple(LayerState(window=put(d.window, s.window), compressor=compressor(d.compressor, s.compressor),
+                              indexer=compressor(d.indexer, s.indexer)) for d, s in zip(dst.layers, src.layers))
+    return dataclasses.replace(dst, layers=layers)
+
+
+def restore_snapshots(caches: EngineCaches, slots: jax.Array, source: jax.Array) -> EngineCaches:
+    """Rows with a snapshot to resume from (source [b] < snapshots) get its rings and its seen tokens in their
+    slots, and no generated-token counts (a prefix hit is never past the prompt)."""
+    count = caches.snapshot_seen.shape[0]
+    dest = jnp.where(source < count, slots, caches.counts.shape[0])  # out of range: dropped
+    source = jnp.minimum(source, count - 1)
+    mtp = None if caches.mtp is None else copy_rings(caches.mtp, dest, caches.mtp_snapshots, source)
+    return dataclasses.replace(caches, target=copy_rings(caches.target, dest, caches.snapshots, source), mtp=mtp,
+                               counts=caches.counts.at[dest].set(0, mode="drop"),
+                               seen=caches.seen.at[dest].set(caches.snapshot_seen[source], mode="drop"))
+
+
+def take_snapshots(caches: EngineCaches, slots: jax.Array, dest: jax.Array) -> EngineCaches:
+    """Copy the rings and seen tokens of rows with a snapshot slot (dest [b] < snapshots) into it."""
+    mtp = None if caches.mtp is None else copy_rings(caches.mtp_snapshots, dest, caches.mtp, slots)
+    return dataclasses.replace(caches, snapshots=copy_rings(caches.snapshots, dest, caches.target, slots),
+                               mtp_snapshots=mtp,
+                               snapshot_seen=caches.snapshot_seen.at[dest].set(caches.seen[slots], mode="drop"))
 
 
 def _map_layers(state: DecodeState, per_slot, pooled) -> DecodeState:

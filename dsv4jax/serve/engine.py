@@ -30,6 +30,7 @@ import numpy as np
 
 from dsv4jax.config import ConfigError
 from dsv4jax.serve.cache import init_caches, pages_for
+from dsv4jax.serve.prefix_cache import PrefixCache
 from dsv4jax.serve.sampling import SamplingParams, SamplingRows
 from dsv4jax.serve.scheduler import AdmissionError, QueueFullError, Request, Scheduler, bucket_for, buckets
 from dsv4jax.serve.speculative import speculative_step
@@ -53,6 +54,9 @@ class EngineConfig:
     # §D.7); "reserve": admission takes every page a request can need, nothing is preempted.
     page_allocation: str = "on_demand"
     page_watermark: float = 0.01  # fraction of the pool admission leaves free for running requests to grow into
+    # Prefix caching (SERVING §D.8): prompt pages and ring snapshots at page boundaries kept for later requests.
+    prefix_cache: bool = True
+    prefix_cache_snapshots: int | None = None  # snapshot slots on the device; None: 4 per running request
     prefill_chunk: int = 256  # most prompt tokens per request per step
     prefill_buckets: tuple[int, ...] = ()  # chunk lengths compiled; () = prefill_chunk/16, /4, /1
     max_prefill_rows: int = 4  # requests prefilled together in one step
@@ -99,6 +103,8 @@ class EngineConfig:
         need(pages is None or pages >= 2, "num_pages", "need at least 2 (page 0 is scratch)")
         need(self.page_allocation in ("on_demand", "reserve"), "page_allocation", 'one of "on_demand", "reserve"')
         need(0.0 <= self.page_watermark < 1.0, "page_watermark", "a fraction of the pool in [0, 1)")
+        need(self.prefix_cache_snapshots is None or self.prefix_cache_snapshots >= 1, "prefix_cache_snapshots",
+             "need at least 1 (or prefix_cache=False)")
 
     @property
     def prefill_rows(self) -> int:
@@ -133,6 +139,7 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     error: str | None = None
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
 @dataclasses.dataclass
@@ -146,6 +153,7 @@ class Completion:
     top_logprobs: list[list[tuple[int, float]]] | None = None
     prompt_logprobs: list[float | None] | None = None
     prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
+    num_cached_tokens: int = 0
 
 
 class Engine:
@@ -167,12 +175,17 @@ class Engine:
         steps = config.speculative_steps
         self.pages_per_sequence = pages_for(config.max_model_len + steps, config.page_tokens)
         num_pages = config.num_pages or config.max_running_requests * self.pages_per_sequence + 1
+        self.snapshots = (config.prefix_cache_snapshots or 4 * config.max_running_requests) if config.prefix_cache \
+            else 0
+        prefix_cache = PrefixCache(config.page_tokens, self.snapshots, match_next_token=steps > 0) \
+            if self.snapshots else None
         self.scheduler = Scheduler(config.max_running_requests, num_pages, config.page_tokens,
                                    self.pages_per_sequence, config.max_model_len, steps, config.max_waiting_requests,
-                                   on_demand=config.page_allocation == "on_demand", watermark=config.page_watermark)
+                                   on_demand=config.page_allocation == "on_demand", watermark=config.page_watermark,
+                                   prefix_cache=prefix_cache)
         self.scratch_slot = config.max_running_requests
         self.caches = self.runner.replicate(init_caches(model.config, config.max_running_requests, num_pages,
-                                                        config.page_tokens, steps))
+                                                        config.page_tokens, steps, self.snapshots))
         self.params = self.runner.place_params(model.params)
         self.decode_buckets = config.row_buckets(config.max_running_requests, config.decode_buckets)
         self.prefill_row_buckets = config.row_buckets(config.prefill_rows, config.prefill_row_buckets)
@@ -258,9 +271,12 @@ class Engine:
                         or self._in_flight)
 
     def stats(self) -> dict:
-        allocator = self.scheduler.allocator
-        return dict(running=len(self.scheduler.running), waiting=len(self.scheduler.waiting) + len(self._inbox),
-                    pages_used=allocator.total - allocator.free, pages_total=allocator.total,
+        scheduler = self.scheduler
+        allocator, cache = scheduler.allocator, scheduler.prefix_cache
+        return dict(running=len(scheduler.running), waiting=len(scheduler.waiting) + len(self._inbox),
+                    pages_used=allocator.total - scheduler.available(), pages_total=allocator.total,
+                    pages_cached=len(cache.entries) if cache is not None else 0,
+                    prefix_cache_queries=scheduler.prefix_queries, prefix_cache_hits=scheduler.prefix_hits,
                     compiles=self.compiles, buckets_total=len(self.bucket_keys()), **self.counters)
 
     def bucket_keys(self) -> list[tuple]:
@@ -459,6 +475,7 @@ class Engine:
             run_batch([r], touched)
 
     def _prefill(self, requests: list[Request], touched) -> None:
+        snapshot_to = None
         try:
             lengths = [min(len(r.tokens) - r.length, self.config.prefill_chunk) for r in requests]
             rows = bucket_for(len(requests), self.prefill_row_buckets)
@@ -468,6 +485,8 @@ class Engine:
             num_new = np.zeros((rows,), np.int32)
             final = np.zeros((rows,), bool)
             generated_from = np.zeros((rows,), np.int32)
+            restore_from = np.full((rows,), self.snapshots, np.int32)  # out of range: none
+            snapshot_to = np.full((rows,), self.snapshots, np.int32)
             for i, (r, n) in enumerate(zip(requests, lengths)):
                 tokens = r.tokens
                 ids[i, :n] = tokens[r.length:r.length + n]
@@ -475,17 +494,51 @@ class Engine:
                 next_ids[i, :len(following)] = following
                 num_new[i], final[i] = n, r.length + n == len(tokens)
                 generated_from[i] = len(r.prompt)  # a recomputed context's generated tokens count for penalties
+                if r.restore is not None:
+                    restore_from[i] = r.restore
+            cached = self._pages_to_cache(requests, lengths, snapshot_to)
             run = self._executable("prefill", rows, chunk)
             batch = self._batch(requests, rows)
             self.caches, first, prompt = run(self.params, self.caches, batch, ids, num_new, next_ids, final,
-                                             generated_from)
+                                             generated_from, restore_from, snapshot_to)
         except Exception as error:  # noqa: BLE001 - isolated to the requests that cause it
+            if snapshot_to is not None and self.scheduler.prefix_cache is not None:  # its snapshot slots go back
+                self.scheduler.prefix_cache.free_snapshots += [int(s) for s in snapshot_to if s < self.snapshots]
             self._isolate(self._prefill, requests, error, touched)
             return
+        for r in requests:
+            r.restore = None
+        for key, page, snapshot, next_token in cached:
+            self.scheduler.prefix_cache.insert(key, page, snapshot, next_token)
         starts = [r.length for r in requests]
         for r, n in zip(requests, lengths):
             r.length += n  # the prompt's progress is the host's to decide: counted as dispatched
         self._dispatching.append(_Dispatched("prefill", requests, (first, prompt), starts, lengths, final))
+
+    def _pages_to_cache(self, requests: list[Request], lengths: list[int], snapshot_to: np.ndarray) -> list:
+        """The prompt pages this chunk completes that the prefix cache lacks, as (key, page, snapshot slot, next
+        token); a chunk that ends on a page boundary before its prompt ends also leaves a snapshot of its rings
+        there (its slot set in `snapshot_to`). Inserted once the chunk is dispatched."""
+        cache, page_tokens = self.scheduler.prefix_cache, self.config.page_tokens
+        if cache is None:
+            return []
+        cached = []
+        for i, (r, n) in enumerate(zip(requests, lengths)):
+            tokens, start, end = r.tokens, r.length, r.length + n
+            if r.page_keys is None:
+                r.page_keys = PrefixCache.keys(tokens, page_tokens, len(tokens) // page_tokens)
+            for page in range(start // page_tokens, end // page_tokens):
+                key, boundary = r.page_keys[page], (page + 1) * page_tokens
+                if key in cache.entries or any(key == c[0] for c in cached):
+                    continue
+                snapshot = None
+                if boundary == end < len(tokens):
+                    snapshot, freed = cache.take_snapshot()
+                    self.scheduler.allocator.release(freed)
+                    if snapshot is not None:
+                        snapshot_to[i] = snapshot
+                cached.append((key, r.pages[page], snapshot, tokens[boundary] if boundary < len(tokens) else None))
+        return cached
 
     def _decode(self, requests: list[Request], touched) -> None:
         try:
@@ -577,7 +630,7 @@ class Engine:
             prompt_logprobs=r.prompt_logprobs if send_prompt else None,
             prompt_top_logprobs=r.prompt_top_logprobs if send_prompt else None,
             finished=r.finished, finish_reason=r.finish_reason, num_prompt_tokens=len(r.prompt),
-            num_output_tokens=len(r.output), error=r.error)
+            num_output_tokens=len(r.output), error=r.error, num_cached_tokens=r.cached_tokens or 0)
         r.text_sent, r.tokens_sent, r.prompt_sent = end, len(r.output), r.prompt_sent or send_prompt
         return output
 
@@ -646,7 +699,7 @@ class Engine:
         if kind == "prefill":
             function = functools.partial(prefill_step, self.runner, prompt_logprobs=self.config.prompt_logprobs)
             ids, lengths = np.zeros((rows, chunk), np.int32), np.zeros((rows,), np.int32)
-            example = (batch, ids, lengths, ids, np.zeros((rows,), bool), lengths)
+            example = (batch, ids, lengths, ids, np.zeros((rows,), bool), lengths, lengths, lengths)
         else:
             steps = self.config.speculative_steps
             function = (functools.partial(speculative_step, self.runner, steps=steps) if steps
@@ -686,4 +739,5 @@ def _join(request_id: str, prompt: list[int], parts: list[RequestOutput]) -> Com
                       text="".join(p.text for p in parts), finish_reason=parts[-1].finish_reason,
                       logprobs=joined("logprobs"), top_logprobs=joined("top_logprobs"),
                       prompt_logprobs=prompt_part.prompt_logprobs if prompt_part else None,
-                      prompt_top_logprobs=prompt_part.prompt_top_logprobs if prompt_part else None)
+                      prompt_top_logprobs=prompt_part.prompt_top_logprobs if prompt_part else None,
+                      num_cached_tokens=parts[-1].num_cached_tokens)

@@ -34,6 +34,10 @@ class ServerMetrics:
                             "went on).")
         self.preempted = gauge("num_preemptions", "Requests preempted for cache pages so far (each recomputed when "
                                "readmitted).")
+        self.prefix_queries = gauge("prefix_cache_queries", "Prompt tokens of admitted requests looked up in the prefix "
+                                    "cache.")
+        self.prefix_hits = gauge("prefix_cache_hits", "Prompt tokens the prefix cache served (not prefilled).")
+        self.pages_cached = gauge("cache_pages_cached", "Cache pages held by the prefix cache (used or evictable).")
         self.buckets_compiled = gauge("shape_buckets_compiled", "Shape buckets compiled so far (a request whose "
                                       "bucket is not among them waits for its compile).")
         self.buckets_total = gauge("shape_buckets_total", "Shape buckets this engine can use.")
@@ -66,6 +70,9 @@ class ServerMetrics:
         self.aborted.set(stats.get("aborted", 0))
         self.failed.set(stats.get("failed", 0))
         self.preempted.set(stats.get("preempted", 0))
+        self.prefix_queries.set(stats.get("prefix_cache_queries", 0))
+        self.prefix_hits.set(stats.get("prefix_cache_hits", 0))
+        self.pages_cached.set(stats.get("pages_cached", 0))
         self.buckets_compiled.set(stats.get("compiles", 0))
         self.buckets_total.set(stats.get("buckets_total", 0))
 

@@ -20,6 +20,7 @@ import time
 import numpy as np
 
 from dsv4jax.serve.cache import PageAllocator, pages_for, table_row
+from dsv4jax.serve.prefix_cache import PrefixCache
 from dsv4jax.serve.sampling import SamplingParams
 
 
@@ -44,6 +45,9 @@ class Request:
     # After a preemption: the prompt and the tokens generated so far, all prefilled again on readmission.
     context: list[int] | None = None
     preemptions: int = 0
+    cached_tokens: int | None = None  # prompt positions taken from the prefix cache at first admission
+    restore: int | None = None  # snapshot slot its next prefill chunk resumes from (a prefix hit)
+    page_keys: list | None = None  # prefix-cache keys of the full pages of `tokens`, computed once
     output: list[int] = dataclasses.field(default_factory=list)  # committed generated tokens
     logprobs: list[float] = dataclasses.field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
@@ -86,8 +90,10 @@ def bucket_for(n: int, sizes: list[int]) -> int:
 class Scheduler:
     def __init__(self, num_slots: int, num_pages: int, page_tokens: int, pages_per_sequence: int,
                  max_model_len: int, overhang: int, max_waiting: int, on_demand: bool = True,
-                 watermark: float = 0.0):
+                 watermark: float = 0.0, prefix_cache: PrefixCache | None = None):
         self.allocator = PageAllocator(num_pages)
+        self.prefix_cache = prefix_cache
+        self.prefix_queries = self.prefix_hits = 0  # prompt tokens looked up in the prefix cache, and found
         self.on_demand = on_demand
         # Pages admission leaves free for running requests to grow into (vLLM's watermark), unless nothing runs.
         self.watermark_pages = int(math.ceil(watermark * self.allocator.total)) if on_demand else 0
@@ -129,31 +135,61 @@ class Scheduler:
         return queued + count <= self.max_waiting + len(self.free_slots)
 
     def admit(self) -> list[Request]:
-        """Move waiting requests (first come, first served) into free slots while pages last."""
+        """Move waiting requests (first come, first served) into free slots while pages last, each starting
+        from the longest prefix of it the prefix cache holds."""
         admitted = []
         while self.waiting and self.free_slots:
-            need = self.pages_at_admission(self.waiting[0])
-            if need + (self.watermark_pages if self.running else 0) > self.allocator.free:
+            request = self.waiting[0]
+            hit = self._lookup(request)
+            shared = hit.pages if hit else []
+            need = self.pages_at_admission(request) - len(shared)
+            if need + (self.watermark_pages if self.running else 0) > self.available():
+                if shared:
+                    self.prefix_cache.unuse(shared)
                 break
-            request = self.waiting.popleft()
+            self.waiting.popleft()
             request.slot = self.free_slots.pop()
-            request.pages = self.allocator.allocate(need)
+            request.pages = shared + self.allocate(need)
+            if hit:
+                request.length, request.restore = hit.tokens, hit.snapshot
+            if request.cached_tokens is None:
+                request.cached_tokens = hit.tokens if hit else 0
+            if self.prefix_cache is not None:
+                self.prefix_queries += len(request.prompt)
+                self.prefix_hits += hit.tokens if hit else 0
             self.tables[request.slot] = table_row(request.pages, self.pages_per_sequence)
             self.running[request.id] = request
             admitted.append(request)
         return admitted
 
+    def _lookup(self, request: Request):
+        """A prefix hit for `request`: never its whole context (its last token is prefilled for the logits), never
+        past its prompt (generated tokens would need their penalty counts), none when it wants prompt logprobs."""
+        if self.prefix_cache is None or request.sampling.prompt_logprobs is not None:
+            return None
+        return self.prefix_cache.lookup(request.tokens, min(len(request.prompt), len(request.tokens) - 1))
+
+    def available(self) -> int:
+        """Free pages, counting cached pages no running request uses (evicted when needed)."""
+        return self.allocator.free + (self.prefix_cache.evictable() if self.prefix_cache is not None else 0)
+
+    def allocate(self, count: int) -> list[int]:
+        short = count - self.allocator.free
+        if short > 0 and self.prefix_cache is not None:
+            self.allocator.release(self.prefix_cache.evict(pages=short))
+        return self.allocator.allocate(count)
+
     def pages_short(self, ends: dict[str, int]) -> int:
         """Pages missing from the free pool for every running request to cover positions [0, ends[id])."""
         want = sum(max(0, self._pages_for_end(self.running[rid], end) - len(self.running[rid].pages))
                    for rid, end in ends.items())
-        return want - self.allocator.free
+        return want - self.available()
 
     def grow(self, request: Request, end: int) -> None:
         """Give `request` the pages that positions [0, end) need (at most what it can ever need)."""
         extra = self._pages_for_end(request, end) - len(request.pages)
         if extra > 0:
-            request.pages += self.allocator.allocate(extra)
+            request.pages += self.allocate(extra)
             self.tables[request.slot] = table_row(request.pages, self.pages_per_sequence)
 
     def _pages_for_end(self, request: Request, end: int) -> int:
@@ -164,7 +200,7 @@ class Scheduler:
         prompt and generated tokens when readmitted."""
         self.release(request)
         request.context = request.prompt + request.output
-        request.length = 0
+        request.length, request.restore, request.page_keys = 0, None, None
         request.preemptions += 1
         self.waiting.appendleft(request)
 
@@ -174,7 +210,8 @@ class Scheduler:
 
     def release(self, request: Request) -> None:
         if request.slot is not None:
-            self.allocator.release(request.pages)
+            pages = request.pages if self.prefix_cache is None else self.prefix_cache.unuse(request.pages)
+            self.allocator.release(pages)
             self.tables[request.slot] = 0
             self.free_slots.append(request.slot)
             request.slot, request.pages = None, []

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from dsv4jax.model.state import pytree_dataclass
 from dsv4jax.run import Runner, last_real
 from dsv4jax.serve import sampling
-from dsv4jax.serve.cache import EngineCaches, gather_slots, scatter_slots
+from dsv4jax.serve.cache import EngineCaches, gather_slots, restore_snapshots, scatter_slots, take_snapshots
 from dsv4jax.serve.sampling import SamplingRows
 
 
@@ -79,13 +79,17 @@ def emitted(logits, tokens, count) -> Emitted:
 
 
 def prefill_step(runner: Runner, params, caches: EngineCaches, batch: Batch, ids, num_new, next_ids,
-                 final, generated_from, prompt_logprobs: bool):
+                 final, generated_from, restore_from, snapshot_to, prompt_logprobs: bool):
     """One prompt chunk per row: ids [b, C] at positions starts + 0..C−1 (num_new real), next_ids [b, C] the
     token after each (the prompt's own; unused at a prompt's last position). Rows whose prompt ends here
     (final [b]) sample their first token. Positions from generated_from [b] on hold tokens the request generated
-    before a preemption (SERVING §D.7): they count for the penalties as generated tokens. With an MTP state, the MTP module extends over the chunk too
+    before a preemption (SERVING §D.7): they count for the penalties as generated tokens. With a prefix cache
+    (SERVING §D.8), rows resuming from a cached prefix first take the rings of snapshot restore_from [b], and rows
+    whose chunk ends at a cached page boundary leave theirs in snapshot snapshot_to [b] (out of range: none). With an MTP state, the MTP module extends over the chunk too
     (pairs (streams_t, x_{t+1}) for every t whose next token is a prompt token, ARCHITECTURE §12.1)."""
     slots, starts = batch.slots, batch.starts
+    if caches.snapshots is not None:
+        caches = restore_snapshots(caches, slots, restore_from)
     state = gather_slots(caches.target, slots, starts, batch.tables)
     hidden, streams, state = runner.target(params, state, ids, num_new, prefill=True)
     caches = dataclasses.replace(caches, target=scatter_slots(caches.target, state, slots))
@@ -118,6 +122,8 @@ def prefill_step(runner: Runner, params, caches: EngineCaches, batch: Batch, ids
                                     prefill=True)
         caches = dataclasses.replace(caches, mtp=scatter_slots(caches.mtp, mtp_state, slots),
                                      last_streams=caches.last_streams.at[slots].set(last_real(streams, num_new)))
+    if caches.snapshots is not None:
+        caches = take_snapshots(caches, slots, snapshot_to)
     return caches, first, prompt
 
 
