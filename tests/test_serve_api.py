@@ -245,6 +245,28 @@ def test_streaming_completion_with_usage(server, model_name):
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 5
     text = "".join(c["text"] for chunk in chunks[:-1] for c in chunk["choices"])
     assert text == whole["choices"][0]["text"]
+    assert whole["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+
+
+def test_prefix_cache_hits_are_reported_in_usage_and_metrics(server, model_name):
+    """A prompt that shares a full page (128 tokens here) with an earlier one is served from the prefix cache
+    (SERVING §D.8): the same greedy text, `usage.prompt_tokens_details.cached_tokens`, the metrics."""
+    rng = np.random.default_rng()
+    shared = rng.integers(3, 256, size=200).tolist()
+    first, second = shared + [7, 8, 9], shared + [10, 11]
+    body = {"model": model_name, "max_tokens": 4, "temperature": 0}
+    cold = httpx2.post(server + "/v1/completions", json={**body, "prompt": second}, timeout=60).json()
+    httpx2.post(server + "/v1/completions", json={**body, "prompt": first}, timeout=60).raise_for_status()
+    with httpx2.stream("POST", server + "/v1/completions", timeout=60, json={
+            **body, "prompt": second, "stream": True, "stream_options": {"include_usage": True}}) as response:
+        chunks = [json.loads(line.removeprefix("data: ")) for line in response.iter_lines()
+                  if line and line != "data: [DONE]"]
+    assert chunks[-1]["usage"]["prompt_tokens_details"]["cached_tokens"] == 128
+    assert "".join(c["text"] for chunk in chunks[:-1] for c in chunk["choices"]) == cold["choices"][0]["text"]
+    metrics = httpx2.get(server + "/metrics").text
+    hits = next(float(line.split()[-1]) for line in metrics.splitlines()
+                if line.startswith("dsv4jax:prefix_cache_hits "))
+    assert hits >= 256  # the warm first prompt and the streamed second one, 128 each at least
 
 
 # ---- malformed requests ------------------------------------------------------------------------------------------
