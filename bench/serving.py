@@ -9,10 +9,10 @@ last one ends, with token-id prompts of exactly `--input-len` tokens and `--outp
     python3 bench/serving.py --model DIR --server-args "--max-running-requests 32 --speculative-steps 1"
     python3 bench/serving.py --url http://127.0.0.1:8000       # a server already running
 
-`--scenario prefix` (prefix caching, docs/SERVING.md §D.8), per concurrency level: TTFT of prompts that each start
+`--scenario prefix` (prefix caching, SERVING §D.8), per concurrency level: TTFT of prompts that each start
 with a fresh `--system-len`-token system prompt (uncached), then of prompts sharing one cached system prompt, then
 `--turns` turns of a multi-turn chat per client (system + earlier turns + a new user message; stand-in replies).
-`--scenario capacity` (pages on demand, §D.7): for each of `--capacity-variants` a server with that
+`--scenario capacity` (pages on demand, SERVING §D.7): for each of `--capacity-variants` a server with that
 `--page-allocation` and `--server-args` (give it a fixed `--num-pages`) gets `--capacity-requests` requests of
 `--input-len` tokens at once; the most requests it runs at once is read from /server_info while they run.
 """

@@ -38,9 +38,10 @@ def seed():
 # `make test` runs two workers, each taking a whole file at a time (--dist loadfile) in collection order. A long
 # file left to the end runs alone while the other worker idles, so the longest files start first (their serial
 # times on the 2-core machine, largest first: about 6, 4, 3, 3, 2.5 and 2 minutes).
-LONGEST_FIRST = ("test_sharding.py", "test_engine.py", "test_eval.py", "test_train.py",
+LONGEST_FIRST = ("test_sharding_multihost.py", "test_sharding.py", "test_engine.py", "test_eval.py", "test_train.py",
+                 "test_prefix_cache.py", "test_preemption.py", "test_batch_invariance.py",
                  "test_pallas_sparse_attention.py", "test_decode_consistency.py", "test_layer_groups.py",
-                 "test_api.py")
+                 "test_api.py", "test_notebook.py")
 
 
 def pytest_collection_modifyitems(items):

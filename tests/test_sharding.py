@@ -31,9 +31,9 @@ FIRST = (157, 151, 139)  # first CP chunk per sequence (none divisible by 2, 4 o
 SECOND = (151, 157, 149)  # second chunk on top of the cached prefix: totals 308, 308, 288 (HCA rows at 128, 256)
 DECODE_STEPS = 8
 
-# Each CP mode at more than one size: round-robin at 2 and 8, zigzag at 4 (and at 4 with ep in test_engine.py).
+# Each CP mode at more than one size: round-robin at 2 (with tp and ep) and 8, zigzag at 4 (and at 4 with ep in
+# test_engine.py).
 MESHES = {
-    "cp2": ("cp=2", {}),
     "cp4-zigzag": ("cp=4", {"cp_mode": "zigzag"}),
     "cp8": ("cp=8", {}),
     "dp2-tp4": ("dp=2,tp=4", {}),

@@ -50,8 +50,8 @@ class EngineConfig:
     max_model_len: int = 4096  # prompt + generated tokens of one request
     page_tokens: int = 256  # positions per cache page (a multiple of every compression ratio)
     num_pages: int | None = None  # None: enough for every slot at max_model_len
-    # "on_demand": pages are taken as sequences grow, the newest request preempted when none is free (SERVING
-    # §D.7); "reserve": admission takes every page a request can need, nothing is preempted.
+    # "on_demand": pages are taken as sequences grow, the newest request preempted when none is
+    # free (SERVING §D.7); "reserve": admission takes every page a request can need, nothing is preempted.
     page_allocation: str = "on_demand"
     page_watermark: float = 0.01  # fraction of the pool admission leaves free for running requests to grow into
     # Prefix caching (SERVING §D.8): prompt pages and ring snapshots at page boundaries kept for later requests.
@@ -525,7 +525,7 @@ class Engine:
         cached = []
         for i, (r, n) in enumerate(zip(requests, lengths)):
             tokens, start, end = r.tokens, r.length, r.length + n
-            if r.page_keys is None:
+            if r.page_keys is None:  # computed at admission unless the request asked for prompt logprobs
                 r.page_keys = PrefixCache.keys(tokens, page_tokens, len(tokens) // page_tokens)
             for page in range(start // page_tokens, end // page_tokens):
                 key, boundary = r.page_keys[page], (page + 1) * page_tokens

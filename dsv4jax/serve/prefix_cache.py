@@ -52,11 +52,13 @@ class PrefixCache:
             keys.append(parent)
         return keys
 
-    def lookup(self, tokens: list[int], limit: int) -> Hit | None:
+    def lookup(self, tokens: list[int], limit: int, keys: list[tuple] | None = None) -> Hit | None:
         """The longest cached prefix of `tokens` of at most `limit` positions that can be resumed; its pages are
-        marked used (release them with `unuse`)."""
+        marked used (release them with `unuse`). `keys`: the tokens' page keys if known (`keys`)."""
         best, pages = None, []
-        for k, key in enumerate(self.keys(tokens, self.page_tokens, limit // self.page_tokens)):
+        pages_wanted = limit // self.page_tokens
+        keys = keys[:pages_wanted] if keys is not None else self.keys(tokens, self.page_tokens, pages_wanted)
+        for k, key in enumerate(keys):
             entry = self.entries.get(key)
             if entry is None:
                 break

@@ -167,7 +167,11 @@ class Scheduler:
         past its prompt (generated tokens would need their penalty counts), none when it wants prompt logprobs."""
         if self.prefix_cache is None or request.sampling.prompt_logprobs is not None:
             return None
-        return self.prefix_cache.lookup(request.tokens, min(len(request.prompt), len(request.tokens) - 1))
+        if request.page_keys is None:
+            tokens = request.tokens
+            request.page_keys = PrefixCache.keys(tokens, self.page_tokens, len(tokens) // self.page_tokens)
+        return self.prefix_cache.lookup(request.tokens, min(len(request.prompt), len(request.tokens) - 1),
+                                        request.page_keys)
 
     def available(self) -> int:
         """Free pages, counting cached pages no running request uses (evicted when needed)."""
