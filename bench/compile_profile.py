@@ -67,7 +67,8 @@ def pass_times(log_path: str, top: int = 8) -> list[dict]:
     return buckets
 
 
-def abstract_child(variant: str, buckets: list[str], out: str, config_path: str, layers: int | None = None) -> None:
+def abstract_child(variant: str, buckets: list[str], out: str, config_path: str, layers: int | None = None,
+                   overrides: tuple[str, ...] = ()) -> None:
     """`--abstract`: the runner's prefill (rows x chunk) and decode (rows) lowered from abstract parameters and state
     (ShapeDtypeStructs) and compiled, no weights drawn: compile time alone, for configs whose weights would not fit
     several processes at once (the deep config). No first call."""
@@ -84,6 +85,8 @@ def abstract_child(variant: str, buckets: list[str], out: str, config_path: str,
     jax.monitoring.register_event_duration_secs_listener(
         lambda name, seconds, **_: events.__setitem__(name, events.get(name, 0.0) + seconds))
     config = load_config(config_path, dtype="bfloat16")
+    # FIELD=VALUE (JSON) config changes, to see what a program's compile time depends on (e.g. hc_sinkhorn_iters=2)
+    config = config.replace(**{k: json.loads(v) for k, v in (o.split("=", 1) for o in overrides)})
     if layers is not None:  # the first `layers` layers and the MTP layer: which layers' programs compile slowly
         config = config.replace(num_hidden_layers=layers, num_hash_layers=min(config.num_hash_layers, layers),
                                 compress_ratios=config.compress_ratios[:layers] + config.compress_ratios[-1:])
@@ -196,6 +199,8 @@ def main() -> None:
                         help="runner-level buckets (prefill:RxC, decode:R) from abstract parameters: compile only")
     parser.add_argument("--layers", type=int, default=None,
                         help="with --abstract: only the config's first LAYERS layers (and its MTP layer)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="with --abstract: a config change (JSON value), e.g. hc_sinkhorn_iters=2; repeatable")
     parser.add_argument("--pass-times", action="store_true", help="log XLA's HLO pass timers; slowest passes per bucket")
     parser.add_argument("--name", default=None, help="results name (default compile-profile-<device>)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -203,7 +208,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         if args.abstract:
-            abstract_child(args.child, args.buckets, args.child_out, args.config, args.layers)
+            abstract_child(args.child, args.buckets, args.child_out, args.config, args.layers, tuple(args.set))
         else:
             child(args.child, args.buckets, args.child_out, args.config)
         return
@@ -224,7 +229,8 @@ def main() -> None:
             process = subprocess.Popen([sys.executable, __file__, "--child", variant, "--child-out", lines,
                                         "--config", args.config, "--buckets", *args.buckets,
                                         *(["--abstract"] if args.abstract else []),
-                                        *(["--layers", str(args.layers)] if args.layers is not None else [])], env=env, stdout=log, stderr=subprocess.STDOUT)
+                                        *(["--layers", str(args.layers)] if args.layers is not None else []),
+                                        *(f"--set={o}" for o in args.set)], env=env, stdout=log, stderr=subprocess.STDOUT)
             running.append((variant, process, time.perf_counter()))
         time.sleep(1)
         for item in list(running):
@@ -243,7 +249,7 @@ def main() -> None:
     from bench.common import device_slug, write_results
     write_results(args.name or f"compile-profile-{device_slug()}", {"variants": args.variants, "buckets": args.buckets,
                                                        "config": os.path.basename(args.config), "flags": FLAGS, "parallel": args.parallel,
-                                                       "abstract": args.abstract, "pass_times": args.pass_times, "layers": args.layers,
+                                                       "abstract": args.abstract, "pass_times": args.pass_times, "layers": args.layers, "set": args.set,
                                                        "timeout_s": args.timeout},
                   records + [{"variant": v, "stage": "process", "status": s} for v, s in finished.items()])
     print(f"\n{'variant':28s} {'stage':16s} {'lower s':>8s} {'compile s':>10s} {'backend s':>10s} mosaic {'1st call':>8s} {'2nd call':>8s}")
