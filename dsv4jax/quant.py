@@ -285,3 +285,40 @@ def hadamard(x: jax.Array) -> jax.Array:
         y = jnp.stack([low + high, low - high], axis=-2).reshape(*lead, n)
         half //= 2
     return (y * jnp.float32(n**-0.5)).astype(x.dtype)
+
+
+# ---- the FP8 KV cache row: FlashMLA's layout for V4, the storage form of ARCHITECTURE §10.3's KV quantization ----------
+
+FP8_KV_BLOCK = 64
+FP8_KV_ROW_BYTES = 584  # 448 e4m3 codes + 64 bf16 RoPE values (128 bytes) + 7 UE8M0 scales + 1 pad byte
+
+
+def pack_fp8_kv(kv: jax.Array, rope_dim: int = 64) -> jax.Array:
+    """K=V rows [..., 512] -> uint8 [..., 584]: the non-RoPE channels as e4m3 codes with one UE8M0 scale per 64
+    (exactly `fp8_qdq(·, 64)`'s quantization, ARCHITECTURE §10.3), the RoPE channels as bf16, a pad byte."""
+    nope = kv.shape[-1] - rope_dim
+    if nope % FP8_KV_BLOCK or nope // FP8_KV_BLOCK + 1 + nope + 2 * rope_dim != FP8_KV_ROW_BYTES:
+        raise ValueError(f"the FP8 KV row holds 448 + 64 channels; got {nope} + {rope_dim}")
+    blocks = kv[..., :nope].astype(jnp.float32).reshape(*kv.shape[:-1], nope // FP8_KV_BLOCK, FP8_KV_BLOCK)
+    amax = jnp.max(jnp.abs(blocks), axis=-1, keepdims=True)
+    exponent = _jnp_ceil_log2(jnp.maximum(amax, jnp.float32(FP8_AMAX_FLOOR)) * jnp.float32(1.0 / E4M3_MAX))
+    scaled = jnp.clip(blocks * _jnp_pow2(-exponent), -E4M3_MAX, E4M3_MAX)
+    codes = jax.lax.bitcast_convert_type(scaled.astype(jnp.float8_e4m3fn), jnp.uint8).reshape(*kv.shape[:-1], nope)
+    rope = jax.lax.bitcast_convert_type(kv[..., nope:].astype(jnp.bfloat16), jnp.uint8).reshape(*kv.shape[:-1], -1)
+    scales = (exponent[..., 0] + 127).astype(jnp.uint8)
+    pad = jnp.zeros((*kv.shape[:-1], 1), jnp.uint8)
+    return jnp.concatenate([codes, rope, scales, pad], axis=-1)
+
+
+def unpack_fp8_kv(rows: jax.Array, dtype=jnp.bfloat16, rope_dim: int = 64) -> jax.Array:
+    """uint8 [..., 584] -> K=V rows [..., 512] in `dtype`; equal to `fp8_qdq` on the non-RoPE channels and to the
+    bf16 RoPE channels, so a bf16 model reads from it what `simulate_fp8_kv` computes."""
+    lead = rows.shape[:-1]
+    nope = (FP8_KV_ROW_BYTES - 1 - 2 * rope_dim) * FP8_KV_BLOCK // (FP8_KV_BLOCK + 1)  # a code per channel, a scale per 64
+    count = nope // FP8_KV_BLOCK
+    codes = jax.lax.bitcast_convert_type(rows[..., :nope], jnp.float8_e4m3fn).astype(jnp.float32)
+    scales = _jnp_pow2(rows[..., nope + 2 * rope_dim:nope + 2 * rope_dim + count].astype(jnp.int32) - 127)
+    values = (codes.reshape(*lead, count, FP8_KV_BLOCK) * scales[..., None]).reshape(*lead, nope)
+    rope = jax.lax.bitcast_convert_type(rows[..., nope:nope + 2 * rope_dim].reshape(*lead, rope_dim, 2),
+                                        jnp.bfloat16)
+    return jnp.concatenate([values.astype(dtype), rope.astype(dtype)], axis=-1)

@@ -345,3 +345,33 @@ def test_hadamard_matches_matmul_and_keeps_dot_products():
     assert bf16_shape.dtype == jnp.bfloat16
     with pytest.raises(ValueError, match="power-of-two"):
         quant.hadamard(jnp.zeros((2, 96)))
+
+
+def test_fp8_kv_rows_hold_exactly_what_the_kv_simulation_computes():
+    """The 584-byte FP8 KV row (448 e4m3 codes, 64 bf16 RoPE values, 7 UE8M0 scales, a pad byte) read back equals
+    the model's `simulate_fp8_kv` arithmetic bit for bit, across block scales from the amax floor to huge."""
+    from dsv4jax.model.compressor import simulate_quantization
+
+    rng = np.random.default_rng()
+    x = rng.standard_normal((6, 9, 512)).astype(np.float32)
+    x *= np.exp2(rng.integers(-30, 30, size=(6, 9, 1)))  # per-row magnitudes
+    x[0, 0, :64] = 0.0  # an all-zero block: the amax floor's scale
+    x[0, 1, 64:128] = 1e-30  # below the floor
+    x[0, 2, :448] = float(ml_dtypes.finfo(jnp.bfloat16).max)  # the largest block scale
+    x = jnp.asarray(x, jnp.bfloat16)
+    rows = quant.pack_fp8_kv(x)
+    assert rows.shape == (6, 9, quant.FP8_KV_ROW_BYTES) and rows.dtype == jnp.uint8
+    np.testing.assert_array_equal(np.asarray(rows[..., -1]), 0)
+    back = quant.unpack_fp8_kv(rows)
+    np.testing.assert_array_equal(np.asarray(back, np.float32),
+                                  np.asarray(simulate_quantization(x, "fp8", 64), np.float32))
+    # Read independently of the unpacker: codes through ml_dtypes, scales as 2^(byte − 127), RoPE bits unchanged.
+    raw = np.asarray(rows)
+    codes = raw[..., :448].view(ml_dtypes.float8_e4m3fn).astype(np.float32).reshape(6, 9, 7, 64)
+    scales = np.exp2(raw[..., 576:583].astype(np.float32) - 127)[..., None]  # fp32: 256 · 2^120 overflows to inf
+    with np.errstate(over="ignore"):  # the largest block: 448 · 2^120 is inf in fp32, as in the simulation
+        np.testing.assert_array_equal((codes * scales).reshape(6, 9, 448), np.asarray(back[..., :448], np.float32))
+    np.testing.assert_array_equal(raw[..., 448:576].view(ml_dtypes.bfloat16), np.asarray(x[..., 448:]))
+    assert raw[0, 2, 576] == 127 + math.ceil(math.log2(float(ml_dtypes.finfo(jnp.bfloat16).max) / 448))
+    with pytest.raises(ValueError, match="448 \\+ 64"):
+        quant.pack_fp8_kv(x[..., :256])
