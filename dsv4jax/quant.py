@@ -236,15 +236,21 @@ def _jnp_round_to_grid(y: jax.Array, grid: tuple[int, int]) -> jax.Array:
     return jnp.round(y * _jnp_pow2(mantissa_bits - exponent)) * _jnp_pow2(exponent - mantissa_bits)
 
 
-def _blockwise_qdq(x: jax.Array, block: int, format_max: float, amax_floor: float, grid) -> jax.Array:
-    if x.shape[-1] % block:
-        raise ValueError(f"last axis {x.shape[-1]} is not a multiple of the quantization block {block}")
-    blocks = x.astype(jnp.float32).reshape(*x.shape[:-1], x.shape[-1] // block, block)
+def _block_scale(blocks: jax.Array, format_max: float, amax_floor: float) -> tuple[jax.Array, jax.Array]:
+    """fp32 blocks [..., n, block] -> (the power-of-two scale's exponent [..., n, 1], blocks / scale clamped to the
+    format's range)."""
     amax = jnp.max(jnp.abs(blocks), axis=-1, keepdims=True)
     # ARCHITECTURE §10.3 writes amax/max; like the official kernel we multiply by fp32(1/max), an exact IEEE multiply on every
     # backend. The two differ by an ulp for some amax but never after ceil-log2 (exhaustive test in test_quant.py).
     exponent = _jnp_ceil_log2(jnp.maximum(amax, jnp.float32(amax_floor)) * jnp.float32(1.0 / format_max))
-    scaled = jnp.clip(blocks * _jnp_pow2(-exponent), -format_max, format_max)  # = x / s exactly (power of two)
+    return exponent, jnp.clip(blocks * _jnp_pow2(-exponent), -format_max, format_max)  # = x / s exactly
+
+
+def _blockwise_qdq(x: jax.Array, block: int, format_max: float, amax_floor: float, grid) -> jax.Array:
+    if x.shape[-1] % block:
+        raise ValueError(f"last axis {x.shape[-1]} is not a multiple of the quantization block {block}")
+    blocks = x.astype(jnp.float32).reshape(*x.shape[:-1], x.shape[-1] // block, block)
+    exponent, scaled = _block_scale(blocks, format_max, amax_floor)
     dequantized = _jnp_round_to_grid(scaled, grid) * _jnp_pow2(exponent)
     return dequantized.reshape(x.shape).astype(x.dtype)
 
@@ -300,9 +306,7 @@ def pack_fp8_kv(kv: jax.Array, rope_dim: int = 64) -> jax.Array:
     if nope % FP8_KV_BLOCK or nope // FP8_KV_BLOCK + 1 + nope + 2 * rope_dim != FP8_KV_ROW_BYTES:
         raise ValueError(f"the FP8 KV row holds 448 + 64 channels; got {nope} + {rope_dim}")
     blocks = kv[..., :nope].astype(jnp.float32).reshape(*kv.shape[:-1], nope // FP8_KV_BLOCK, FP8_KV_BLOCK)
-    amax = jnp.max(jnp.abs(blocks), axis=-1, keepdims=True)
-    exponent = _jnp_ceil_log2(jnp.maximum(amax, jnp.float32(FP8_AMAX_FLOOR)) * jnp.float32(1.0 / E4M3_MAX))
-    scaled = jnp.clip(blocks * _jnp_pow2(-exponent), -E4M3_MAX, E4M3_MAX)
+    exponent, scaled = _block_scale(blocks, E4M3_MAX, FP8_AMAX_FLOOR)
     codes = jax.lax.bitcast_convert_type(scaled.astype(jnp.float8_e4m3fn), jnp.uint8).reshape(*kv.shape[:-1], nope)
     rope = jax.lax.bitcast_convert_type(kv[..., nope:].astype(jnp.bfloat16), jnp.uint8).reshape(*kv.shape[:-1], -1)
     scales = (exponent[..., 0] + 127).astype(jnp.uint8)

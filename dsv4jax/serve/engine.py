@@ -524,11 +524,9 @@ class Engine:
             return []
         cached = []
         for i, (r, n) in enumerate(zip(requests, lengths)):
-            tokens, start, end = r.tokens, r.length, r.length + n
-            if r.page_keys is None:  # computed at admission unless the request asked for prompt logprobs
-                r.page_keys = PrefixCache.keys(tokens, page_tokens, len(tokens) // page_tokens)
+            tokens, start, end, keys = r.tokens, r.length, r.length + n, self.scheduler.page_keys(r)
             for page in range(start // page_tokens, end // page_tokens):
-                key, boundary = r.page_keys[page], (page + 1) * page_tokens
+                key, boundary = keys[page], (page + 1) * page_tokens
                 if key in cache.entries or any(key == c[0] for c in cached):
                     continue
                 snapshot = None

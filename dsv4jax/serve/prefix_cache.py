@@ -40,7 +40,6 @@ class PrefixCache:
         self.by_page: dict[int, Entry] = {}
         self.users: collections.Counter[int] = collections.Counter()  # cached page -> running requests using it
         self.free_snapshots = list(range(num_snapshots - 1, -1, -1))
-        self.num_snapshots = num_snapshots
 
     @staticmethod
     def keys(tokens: list[int], page_tokens: int, pages: int) -> list[tuple]:
@@ -54,7 +53,7 @@ class PrefixCache:
 
     def lookup(self, tokens: list[int], limit: int, keys: list[tuple] | None = None) -> Hit | None:
         """The longest cached prefix of `tokens` of at most `limit` positions that can be resumed; its pages are
-        marked used (release them with `unuse`). `keys`: the tokens' page keys if known (`keys`)."""
+        marked used (release them with `unuse`). `keys`: the tokens' page keys, if computed already."""
         best, pages = None, []
         pages_wanted = limit // self.page_tokens
         keys = keys[:pages_wanted] if keys is not None else self.keys(tokens, self.page_tokens, pages_wanted)

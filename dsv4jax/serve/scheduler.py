@@ -167,11 +167,15 @@ class Scheduler:
         past its prompt (generated tokens would need their penalty counts), none when it wants prompt logprobs."""
         if self.prefix_cache is None or request.sampling.prompt_logprobs is not None:
             return None
+        return self.prefix_cache.lookup(request.tokens, min(len(request.prompt), len(request.tokens) - 1),
+                                        self.page_keys(request))
+
+    def page_keys(self, request: Request) -> list[tuple]:
+        """The prefix-cache keys of the full pages of what the request prefills, computed once per context."""
         if request.page_keys is None:
             tokens = request.tokens
             request.page_keys = PrefixCache.keys(tokens, self.page_tokens, len(tokens) // self.page_tokens)
-        return self.prefix_cache.lookup(request.tokens, min(len(request.prompt), len(request.tokens) - 1),
-                                        request.page_keys)
+        return request.page_keys
 
     def available(self) -> int:
         """Free pages, counting cached pages no running request uses (evicted when needed)."""
